@@ -1,0 +1,1 @@
+"""Backend interfaces (``base``) and their implementations: local, SQLite, Redis, Postgres."""

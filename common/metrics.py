@@ -1,0 +1,65 @@
+"""Prometheus metrics, one registry per node so tests can run several nodes.
+
+Label sets are bounded: transports, kinds, outcomes and error codes, never a
+user, channel or tenant name.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    """The ``ara_`` metrics of one process."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.connections = Gauge(
+            "ara_connections", "Open client connections", ["transport"], registry=r
+        )
+        self.connections_total = Counter(
+            "ara_connections_opened", "Client connections accepted", ["transport"], registry=r
+        )
+        self.connections_rejected = Counter(
+            "ara_connections_rejected", "Connections refused", ["reason"], registry=r
+        )
+        self.notifications = Counter(
+            "ara_notifications", "Notifications accepted", ["target", "source"], registry=r
+        )
+        self.deliveries = Counter(
+            "ara_deliveries", "Frames written to client outboxes", ["kind"], registry=r
+        )
+        self.queued = Counter("ara_queue_enqueued", "Notifications queued offline", registry=r)
+        self.replayed = Counter(
+            "ara_queue_replayed", "Queued notifications replayed on connect", registry=r
+        )
+        self.queue_depth = Gauge("ara_queue_depth", "Offline queue entries", registry=r)
+        self.slow_consumers = Counter(
+            "ara_slow_consumers", "Connections closed for a full outbox", registry=r
+        )
+        self.client_messages = Counter(
+            "ara_client_messages", "Client frames received", ["type"], registry=r
+        )
+        self.client_errors = Counter(
+            "ara_client_errors", "Error frames sent to clients", ["code"], registry=r
+        )
+        self.acks = Counter("ara_acks", "Acknowledgements", ["result"], registry=r)
+        self.ack_latency = Histogram(
+            "ara_ack_latency_seconds",
+            "Time from notification creation to client ACK",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.http_requests = Counter(
+            "ara_http_requests", "REST requests", ["route", "status"], registry=r
+        )
+        self.ratelimited = Counter(
+            "ara_ratelimit_rejections", "Requests refused by rate limits", ["scope"], registry=r
+        )
+        self.backend_up = Gauge(
+            "ara_backend_up", "Backend reachable (1) or not (0)", ["backend"], registry=r
+        )
+        self.pubsub_invalid = Counter(
+            "ara_pubsub_invalid", "Pub/Sub trigger messages dropped as invalid", registry=r
+        )

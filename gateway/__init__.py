@@ -1,0 +1,1 @@
+"""Edge gateway: sockets, REST trigger API and the local connection indexes."""

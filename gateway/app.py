@@ -1,0 +1,195 @@
+"""The Starlette application: routes, error envelope, rate limits, lifespan."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from common.auth import ApiKeyChecker, TokenVerifier
+from common.errors import ApiError, BackendUnavailable
+from common.idempotency import Idempotency
+from common.metrics import Metrics
+from common.settings import Settings
+from gateway import rest_info, rest_send
+from gateway.connections import ConnectionManager
+from gateway.http import JSONResponse, error_response
+from gateway.limits import ConnectLimiter, HttpLimiter
+from gateway.node import Backends, GatewayNode
+from gateway.openapi import build_openapi
+from gateway.sending import Sender
+from gateway.sse import sse_ack, sse_endpoint
+from gateway.ws import websocket_endpoint
+
+log = logging.getLogger("ara.gateway.app")
+
+BackendsFactory = Callable[[Settings, ConnectionManager, Metrics], Backends]
+
+UNLIMITED_PATHS = ("/health", "/ready", "/metrics")
+
+
+class EdgeMiddleware:
+    """REST rate limit and request metrics, before routing."""
+
+    def __init__(self, app: ASGIApp, limiter: HttpLimiter, metrics: Metrics) -> None:
+        self.app = app
+        self.limiter = limiter
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        extra: dict[str, str] = {}
+        status_box = [500]
+        if path.startswith("/api/") or path == "/stats":
+            try:
+                extra = await self.limiter.check(Request(scope))
+            except ApiError as err:
+                self._count(scope, err.status)
+                await error_response(err)(scope, receive, send)
+                return
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_box[0] = message["status"]
+                if extra:
+                    headers = list(message.get("headers", []))
+                    headers.extend((k.lower().encode(), v.encode()) for k, v in extra.items())
+                    message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self._count(scope, status_box[0])
+
+    def _count(self, scope: Scope, status: int) -> None:
+        endpoint = scope.get("endpoint")
+        name = getattr(endpoint, "__name__", "unmatched")
+        self.metrics.http_requests.labels(name, str(status)).inc()
+
+
+def create_app(settings: Settings, make_backends: BackendsFactory) -> Starlette:
+    metrics = Metrics()
+    manager = ConnectionManager()
+    backends = make_backends(settings, manager, metrics)
+    node = GatewayNode(settings, manager, backends, metrics)
+    sender = Sender(settings, backends.dispatcher, backends.templates, backends.receipts, metrics)
+    node.send_totals = sender.totals
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await node.start()
+        try:
+            yield
+        finally:
+            await node.stop()
+
+    async def health(request: Request) -> Response:
+        return JSONResponse(await node.health())
+
+    async def ready(request: Request) -> Response:
+        if node.ready:
+            return JSONResponse({"ready": True, "node_id": node.node_id})
+        reason = "draining" if node.draining else "starting"
+        return JSONResponse({"ready": False, "reason": reason}, status_code=503)
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    openapi_doc = build_openapi()
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(openapi_doc)
+
+    routes = [
+        WebSocketRoute("/ws", websocket_endpoint),
+        Route("/sse", sse_endpoint, methods=["GET"]),
+        Route("/sse/ack", sse_ack, methods=["POST"]),
+        Route("/api/v1/notifications/send", rest_send.send_user, methods=["POST"]),
+        Route("/api/v1/notifications/send-to-users", rest_send.send_users, methods=["POST"]),
+        Route("/api/v1/notifications/broadcast", rest_send.send_broadcast, methods=["POST"]),
+        Route("/api/v1/notifications/channel", rest_send.send_channel, methods=["POST"]),
+        Route("/api/v1/notifications/channels", rest_send.send_channels, methods=["POST"]),
+        Route("/api/v1/notifications/batch", rest_send.send_batch, methods=["POST"]),
+        Route("/api/v1/notifications/{notification_id}", rest_info.get_receipt, methods=["GET"]),
+        Route("/api/v1/channels", rest_info.list_channels, methods=["GET"]),
+        Route("/api/v1/channels/{name}", rest_info.get_channel, methods=["GET"]),
+        Route("/api/v1/users/{user_id}/subscriptions", rest_info.user_subscriptions,
+              methods=["GET"]),
+        Route("/api/v1/stats", rest_info.stats, methods=["GET"]),
+        Route("/stats", rest_info.stats, methods=["GET"]),
+        Route("/api/v1/stats/acks", rest_info.ack_stats, methods=["GET"]),
+        Route("/api/v1/tenants", rest_info.list_tenants, methods=["GET"]),
+        Route("/api/v1/tenants/{tenant_id}", rest_info.get_tenant, methods=["GET"]),
+        Route("/api/v1/cluster/status", rest_info.cluster_status, methods=["GET"]),
+        Route("/api/v1/cluster/users/{user_id}", rest_info.cluster_user, methods=["GET"]),
+        Route("/api/v1/templates", rest_info.create_template, methods=["POST"]),
+        Route("/api/v1/templates", rest_info.list_templates, methods=["GET"]),
+        Route("/api/v1/templates/{template_id}", rest_info.get_template, methods=["GET"]),
+        Route("/api/v1/templates/{template_id}", rest_info.replace_template, methods=["PUT"]),
+        Route("/api/v1/templates/{template_id}", rest_info.delete_template, methods=["DELETE"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+    ]
+
+    async def api_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ApiError)
+        return error_response(exc)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        codes = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}
+        code = codes.get(exc.status_code, "HTTP_ERROR")
+        return error_response(ApiError(exc.status_code, code, str(exc.detail)))
+
+    async def unavailable(request: Request, exc: Exception) -> Response:
+        return error_response(
+            ApiError(503, "SERVICE_UNAVAILABLE", "a required backend is unavailable",
+                     headers={"Retry-After": "1"})
+        )
+
+    async def internal(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s", request.url.path, exc_info=exc)
+        message = "Internal server error" if settings.production else f"{type(exc).__name__}: {exc}"
+        return error_response(ApiError(500, "INTERNAL_ERROR", message))
+
+    middleware = [Middleware(EdgeMiddleware, limiter=HttpLimiter(settings, backends.rate_limiter,
+                                                                 metrics), metrics=metrics)]
+    if settings.cors_origins:
+        middleware.insert(0, Middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+            allow_headers=["*"],
+        ))
+    handlers: dict[Any, Any] = {
+        ApiError: api_error,
+        HTTPException: http_error,
+        BackendUnavailable: unavailable,
+        Exception: internal,
+    }
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers,
+                    lifespan=lifespan)
+    app.state.settings = settings
+    app.state.node = node
+    app.state.sender = sender
+    app.state.metrics = metrics
+    app.state.verifier = TokenVerifier(settings)
+    app.state.api_keys = ApiKeyChecker(settings)
+    app.state.connect_limiter = ConnectLimiter(settings, backends.rate_limiter, metrics)
+    app.state.idempotency = Idempotency(backends.idempotency)
+    return app

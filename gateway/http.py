@@ -1,0 +1,110 @@
+"""Request plumbing shared by the REST handlers: auth, tenant, bodies, replies."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from common import jsoncodec
+from common.auth import ApiPrincipal
+from common.errors import ApiError
+from common.protocol import valid_tenant
+
+M = TypeVar("M", bound=BaseModel)
+
+SEND_BODY_LIMIT = 64 * 1024
+BATCH_BODY_LIMIT = 1024 * 1024
+
+
+class JSONResponse(Response):
+    """orjson-encoded JSON response."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return jsoncodec.dumps(content)
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def principal(request: Request) -> ApiPrincipal:
+    checker = request.app.state.api_keys
+    result: ApiPrincipal = checker.check(request.headers.get("x-api-key"))
+    return result
+
+
+def tenant_of(request: Request, who: ApiPrincipal) -> str:
+    """The tenant a REST call acts in: a bound key's, else ``X-Tenant-ID``."""
+    settings = request.app.state.settings
+    header = request.headers.get("x-tenant-id")
+    if header is not None and not valid_tenant(header):
+        raise ApiError(
+            422, "VALIDATION_ERROR", "X-Tenant-ID must be 1-64 of letters, digits, '-', '_', '.'",
+            {"field": "X-Tenant-ID"},
+        )
+    if who.bound_tenant is not None:
+        if header is not None and header != who.bound_tenant:
+            raise ApiError(403, "FORBIDDEN", "this API key is bound to another tenant")
+        return who.bound_tenant
+    if settings.tenant_enabled and header:
+        return header
+    return "default"
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    content_type = request.headers.get("content-type", "application/json")
+    if "json" not in content_type.split(";")[0].lower():
+        raise ApiError(415, "UNSUPPORTED_MEDIA_TYPE", "send the body as application/json")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large(limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > limit:
+            raise too_large(limit)
+    if not body:
+        raise ApiError(400, "INVALID_JSON", "request body is empty")
+    try:
+        return jsoncodec.loads(bytes(body))
+    except jsoncodec.JSONDecodeError as exc:
+        raise ApiError(400, "INVALID_JSON", f"malformed JSON: {exc}") from None
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(
+        413, "PAYLOAD_TOO_LARGE", f"request body exceeds {limit} bytes", {"limit": limit}
+    )
+
+
+def validate(model: type[M], data: Any) -> M:
+    if not isinstance(data, dict):
+        raise ApiError(422, "VALIDATION_ERROR", "body must be a JSON object", {"field": "body"})
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_failure(exc) from None
+
+
+def validation_failure(exc: ValidationError) -> ApiError:
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    first = errors[0]
+    field = ".".join(str(p) for p in first["loc"]) or "body"
+    message = f"{field}: {first['msg']}" if field != "body" else first["msg"]
+    return ApiError(
+        422,
+        "VALIDATION_ERROR",
+        message,
+        {
+            "field": field,
+            "errors": [
+                {"field": ".".join(str(p) for p in e["loc"]) or "body", "message": e["msg"]}
+                for e in errors[:20]
+            ],
+        },
+    )

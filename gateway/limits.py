@@ -1,0 +1,73 @@
+"""Rate limits at the edge: REST requests and socket connects (PROTOCOL §7).
+
+The bucket store is a ``RateLimiter``: in process for the embedded node,
+in Redis for a cluster so a client cannot multiply its allowance by
+spreading over gateways.
+"""
+
+from __future__ import annotations
+
+import math
+
+from starlette.requests import HTTPConnection
+
+from common.auth import Identity
+from common.errors import ApiError
+from common.metrics import Metrics
+from common.ratelimit import RateLimiter
+from common.settings import Settings
+
+
+def rate_limited(retry_after: float, message: str) -> ApiError:
+    seconds = max(1, math.ceil(retry_after))
+    return ApiError(
+        429,
+        "RATE_LIMITED",
+        message,
+        {"retry_after_seconds": seconds},
+        headers={"Retry-After": str(seconds)},
+    )
+
+
+class ConnectLimiter:
+    """``RATELIMIT_WS_CONNECTIONS_PER_MINUTE`` per user, for WebSocket and SSE."""
+
+    def __init__(self, settings: Settings, limiter: RateLimiter, metrics: Metrics) -> None:
+        self.enabled = settings.ratelimit_enabled
+        self.per_minute = settings.ratelimit_ws_connections_per_minute
+        self.limiter = limiter
+        self.metrics = metrics
+
+    async def check(self, conn: HTTPConnection, identity: Identity) -> None:
+        if not self.enabled:
+            return
+        key = f"conn\x1f{identity.tenant_id}\x1f{identity.user_id}"
+        wait = await self.limiter.take(key, self.per_minute / 60.0, float(self.per_minute))
+        if wait > 0:
+            self.metrics.ratelimited.labels("connect").inc()
+            raise rate_limited(wait, "too many connection attempts")
+
+
+class HttpLimiter:
+    """Per API key (or client address) token bucket with ``X-RateLimit-*`` headers."""
+
+    def __init__(self, settings: Settings, limiter: RateLimiter, metrics: Metrics) -> None:
+        self.enabled = settings.ratelimit_enabled
+        self.rate = settings.ratelimit_http_requests_per_second
+        self.burst = float(settings.ratelimit_http_burst_size)
+        self.limiter = limiter
+        self.metrics = metrics
+
+    async def check(self, conn: HTTPConnection) -> dict[str, str]:
+        if not self.enabled:
+            return {}
+        key = conn.headers.get("x-api-key") or (conn.client.host if conn.client else "unknown")
+        wait = await self.limiter.take(f"http\x1f{key}", self.rate, self.burst)
+        headers = {"X-RateLimit-Limit": str(int(self.burst))}
+        if wait > 0:
+            self.metrics.ratelimited.labels("http").inc()
+            err = rate_limited(wait, "too many requests")
+            err.headers.update(headers)
+            err.headers["X-RateLimit-Remaining"] = "0"
+            raise err
+        return headers

@@ -1,0 +1,1 @@
+"""ClusterRouter: partition ownership and routing of notifications to gateways."""
