@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from common.protocol import CHANNEL_RE, TEMPLATE_ID_RE, valid_event_type, valid_user_id
+from common.protocol import CHANNEL_RE, TEMPLATE_ID_RE, Target, valid_event_type, valid_user_id
 
 Priority = Literal["Low", "Normal", "High", "Critical"]
 MAX_TTL = 30 * 24 * 3600
@@ -201,3 +201,25 @@ class PubSubMessage(BaseModel):
     target: Any = None
     tenant_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
     event: dict[str, Any]
+
+
+def target_of(model: Content) -> Target:
+    if isinstance(model, SendRequest):
+        return Target("user", user_ids=(model.target_user_id,))
+    if isinstance(model, SendToUsersRequest):
+        return Target("users", user_ids=tuple(model.target_user_ids))
+    if isinstance(model, ChannelRequest):
+        return Target("channel", channels=(model.channel,))
+    if isinstance(model, ChannelsRequest):
+        return Target("channels", channels=tuple(model.channels))
+    if isinstance(model, BatchItem):
+        value = model.target.value
+        if model.target.type == "user":
+            return Target("user", user_ids=(value,))
+        if model.target.type == "users":
+            return Target("users", user_ids=tuple(value))
+        if model.target.type == "channel":
+            return Target("channel", channels=(value,))
+        if model.target.type == "channels":
+            return Target("channels", channels=tuple(value))
+    return Target("broadcast")

@@ -5,24 +5,77 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common.settings import SettingsError, load_settings
+from typing import Any
+
+from common.settings import Settings, SettingsError, load_settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    if getattr(args, "port", None) is not None:
+        overrides["server_port"] = args.port
+    if getattr(args, "host", None) is not None:
+        overrides["server_host"] = args.host
+    settings = load_settings(**overrides)
+    from common.logs import configure_logging
+
+    configure_logging(settings.log_format, settings.log_level)
+    return settings
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from common.logs import configure_logging
     from gateway.app import create_app
     from gateway.embedded import embedded_backends
     from gateway.server import run
 
-    overrides = {}
-    if args.port is not None:
-        overrides["server_port"] = args.port
-    if args.host is not None:
-        overrides["server_host"] = args.host
-    settings = load_settings(**overrides)
-    configure_logging(settings.log_format, settings.log_level)
-    app = create_app(settings, embedded_backends)
-    run(app, settings)
+    settings = _settings(args)
+    run(create_app(settings, embedded_backends), settings)
+    return 0
+
+
+def _require_cluster(settings: Settings) -> None:
+    missing = [n for n, v in (("REDIS_URL", settings.redis_url),
+                              ("DATABASE_URL", settings.database_url)) if not v]
+    if missing:
+        raise SettingsError("invalid configuration:\n  " + "\n  ".join(
+            f"{name}: required for this command" for name in missing))
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    from gateway.app import create_app
+    from gateway.cluster import cluster_backends
+    from gateway.server import run
+
+    settings = _settings(args)
+    _require_cluster(settings)
+    run(create_app(settings, cluster_backends), settings)
+    return 0
+
+
+def _router(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from router.app import create_router_app
+
+    settings = _settings(args)
+    _require_cluster(settings)
+    uvicorn.run(
+        create_router_app(settings), host=settings.server_host, port=settings.server_port,
+        log_config=None, access_log=False, lifespan="on",
+    )
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from common.backends.postgres import migrate
+
+    settings = _settings(args)
+    if not settings.database_url:
+        raise SettingsError("invalid configuration:\n  DATABASE_URL: required for migrate")
+    version = asyncio.run(migrate(settings.database_url))
+    print(f"schema at version {version}")
     return 0
 
 
@@ -46,6 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None, help="bind address (default SERVER_HOST)")
     serve.add_argument("--port", type=int, default=None, help="port (default SERVER_PORT)")
     serve.set_defaults(func=_serve)
+    for name, func, text in (
+        ("gateway", _gateway, "run a cluster edge gateway (REDIS_URL, DATABASE_URL)"),
+        ("router", _router, "run a cluster router shard (REDIS_URL, DATABASE_URL)"),
+    ):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("--host", default=None, help="bind address (default SERVER_HOST)")
+        cmd.add_argument("--port", type=int, default=None, help="port (default SERVER_PORT)")
+        cmd.set_defaults(func=func)
+    migrate = sub.add_parser("migrate", help="create or upgrade the Postgres schema")
+    migrate.set_defaults(func=_migrate)
     token = sub.add_parser("token", help="print a client JWT signed with the configured key")
     token.add_argument("--sub", required=True, help="user id")
     token.add_argument("--tenant", default=None, help="tenant id (default: 'default')")

@@ -40,4 +40,8 @@ def validation_error(field: str, message: str) -> ApiError:
 
 
 class BackendUnavailable(Exception):
-    """A required backend (Redis, Postgres) cannot be reached right now."""
+    """A required backend (``redis``, ``postgres``) cannot be reached right now."""
+
+    def __init__(self, backend: str, message: str) -> None:
+        super().__init__(message)
+        self.backend = backend

@@ -21,6 +21,7 @@ from common.auth import ApiKeyChecker, TokenVerifier
 from common.errors import ApiError, BackendUnavailable
 from common.idempotency import Idempotency
 from common.metrics import Metrics
+from common.sending import Sender
 from common.settings import Settings
 from gateway import rest_info, rest_send
 from gateway.connections import ConnectionManager
@@ -28,7 +29,6 @@ from gateway.http import JSONResponse, error_response
 from gateway.limits import ConnectLimiter, HttpLimiter
 from gateway.node import Backends, GatewayNode
 from gateway.openapi import build_openapi
-from gateway.sending import Sender
 from gateway.sse import sse_ack, sse_endpoint
 from gateway.ws import websocket_endpoint
 
@@ -102,9 +102,9 @@ def create_app(settings: Settings, make_backends: BackendsFactory) -> Starlette:
         return JSONResponse(await node.health())
 
     async def ready(request: Request) -> Response:
-        if node.ready:
+        if node.ready and backends.available():
             return JSONResponse({"ready": True, "node_id": node.node_id})
-        reason = "draining" if node.draining else "starting"
+        reason = "draining" if node.draining else "starting" if not node.ready else "backend down"
         return JSONResponse({"ready": False, "reason": reason}, status_code=503)
 
     async def metrics_endpoint(request: Request) -> Response:

@@ -27,9 +27,9 @@ from common.backends.base import (
     SessionStore,
     TemplateStore,
 )
+from common.errors import BackendUnavailable
 from common.idempotency import IdempotencyStore, MemoryIdempotencyStore
 from common.metrics import Metrics
-from common.ratelimit import LocalLimiter, RateLimiter
 from common.protocol import (
     HEARTBEAT_FRAME,
     error_frame,
@@ -37,6 +37,8 @@ from common.protocol import (
     utc_iso,
     valid_channel,
 )
+from common.ratelimit import LocalLimiter, RateLimiter
+from common.sending import SendTotals
 from common.settings import Settings
 from gateway.connection import (
     CLOSE_GOING_AWAY,
@@ -48,7 +50,6 @@ from gateway.connection import (
 )
 from gateway.connections import ConnectionManager
 from gateway.local import session_of
-from gateway.sending import SendTotals
 
 log = logging.getLogger("ara.gateway")
 
@@ -78,6 +79,7 @@ class Backends:
     rate_limiter: RateLimiter = field(default_factory=LocalLimiter)
     idempotency: IdempotencyStore = field(default_factory=MemoryIdempotencyStore)
     cluster: Callable[[], Awaitable[dict[str, object]]] | None = None
+    available: Callable[[], bool] = lambda: True
 
 
 class GatewayNode:
@@ -194,36 +196,44 @@ class GatewayNode:
         )
         for name in channels:
             self.manager.subscribe(conn, name)
-        await self.backends.sessions.register(session_of(conn, self.node_id))
-        if channels:
-            await self.backends.sessions.update_channels(
-                session_of(conn, self.node_id), list(conn.channels), []
-            )
+        try:
+            await self.backends.sessions.register(session_of(conn, self.node_id))
+            if channels:
+                await self.backends.sessions.update_channels(
+                    session_of(conn, self.node_id), list(conn.channels), []
+                )
+        except BackendUnavailable:
+            # The socket keeps working locally; the next heartbeat registers it.
+            log.warning("session %s not registered yet: session store unavailable", conn.id)
         await self._replay(conn)
 
     async def _replay(self, conn: Connection) -> None:
         replayed: list[str] = []
         try:
             if self.settings.queue_enabled:
-                entries = await self.backends.mailbox.pending(conn.tenant_id, conn.user_id)
-                for entry in entries:
-                    n = entry.notification
-                    if conn.closed:
-                        break
-                    await self._wait_writable(conn)
-                    conn.push(("notification", n.id, n.frame(redelivered=entry.delivered)))
-                    replayed.append(n.id)
-                if replayed:
-                    self.metrics.replayed.inc(len(replayed))
-                    if self.settings.at_least_once:
-                        fresh = [
-                            (conn.user_id, e.notification.id) for e in entries if not e.delivered
-                        ]
-                        await self.backends.mailbox.mark_delivered(conn.tenant_id, fresh)
-                    else:
-                        await self.backends.mailbox.remove(conn.tenant_id, conn.user_id, replayed)
+                await self._replay_into(conn, replayed)
+        except BackendUnavailable:
+            log.warning("mailbox unavailable; %s replays on its next connect", conn.id)
         finally:
             conn.finish_replay(replayed)
+
+    async def _replay_into(self, conn: Connection, replayed: list[str]) -> None:
+        entries = await self.backends.mailbox.pending(conn.tenant_id, conn.user_id)
+        for entry in entries:
+            if conn.closed:
+                break
+            n = entry.notification
+            await self._wait_writable(conn)
+            conn.push(("notification", n.id, n.frame(redelivered=entry.delivered)))
+            replayed.append(n.id)
+        if not replayed:
+            return
+        self.metrics.replayed.inc(len(replayed))
+        if self.settings.at_least_once:
+            fresh = [(conn.user_id, e.notification.id) for e in entries if not e.delivered]
+            await self.backends.mailbox.mark_delivered(conn.tenant_id, fresh)
+        else:
+            await self.backends.mailbox.remove(conn.tenant_id, conn.user_id, replayed)
 
     async def _wait_writable(self, conn: Connection) -> None:
         """Backpressure for long replays: never overflow our own outbox."""
@@ -238,11 +248,8 @@ class GatewayNode:
         if conn.expiry_timer is not None:
             conn.expiry_timer.cancel()
         self.metrics.connections.labels(conn.transport).dec()
-        session = session_of(conn, self.node_id)
         try:
-            if conn.channels:
-                await self.backends.sessions.update_channels(session, [], list(conn.channels))
-            await self.backends.sessions.unregister(session)
+            await self.backends.sessions.unregister(session_of(conn, self.node_id))
         except Exception:
             log.warning("could not unregister %s; its session will expire", conn.id)
 

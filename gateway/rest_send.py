@@ -20,10 +20,12 @@ from common.api_models import (
     Content,
     SendRequest,
     SendToUsersRequest,
+    target_of,
 )
 from common.backends.base import RouteReport
 from common.errors import ApiError
 from common.protocol import Target, utc_iso
+from common.sending import Sender
 from gateway.http import (
     BATCH_BODY_LIMIT,
     SEND_BODY_LIMIT,
@@ -34,7 +36,6 @@ from gateway.http import (
     validate,
     validation_failure,
 )
-from gateway.sending import Sender
 
 
 def _base(report: RouteReport, notification_id: str) -> dict[str, Any]:
@@ -55,28 +56,6 @@ def _users_results(report: RouteReport) -> dict[str, Any]:
         else:
             results[user_id] = {"delivered": False, "queued": outcome.queued}
     return results
-
-
-def target_of(model: Content) -> Target:
-    if isinstance(model, SendRequest):
-        return Target("user", user_ids=(model.target_user_id,))
-    if isinstance(model, SendToUsersRequest):
-        return Target("users", user_ids=tuple(model.target_user_ids))
-    if isinstance(model, ChannelRequest):
-        return Target("channel", channels=(model.channel,))
-    if isinstance(model, ChannelsRequest):
-        return Target("channels", channels=tuple(model.channels))
-    if isinstance(model, BatchItem):
-        value = model.target.value
-        if model.target.type == "user":
-            return Target("user", user_ids=(value,))
-        if model.target.type == "users":
-            return Target("users", user_ids=tuple(value))
-        if model.target.type == "channel":
-            return Target("channel", channels=(value,))
-        if model.target.type == "channels":
-            return Target("channels", channels=tuple(value))
-    return Target("broadcast")
 
 
 def shape_response(target: Target, report: RouteReport, notification_id: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -16,7 +17,7 @@ from starlette.types import Receive, Scope, Send
 
 from common.api_models import AckRequest
 from common.auth import Identity
-from common.errors import ApiError
+from common.errors import ApiError, BackendUnavailable
 from common.protocol import valid_channel
 from gateway.connection import OutItem
 from gateway.http import JSONResponse, error_response, read_json, validate
@@ -95,7 +96,7 @@ def _channels(request: Request, limit: int) -> list[str]:
     return names
 
 
-async def sse_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+async def _sse_stream(scope: Scope, receive: Receive, send: Send) -> None:
     request = Request(scope, receive)
     node: GatewayNode = request.app.state.node
     try:
@@ -109,6 +110,9 @@ async def sse_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
             conn = await node.admit(identity, "sse", writer)
         except ConnectionRefused as refused:
             raise ApiError(refused.http_status, refused.code, refused.message) from None
+        except BackendUnavailable:
+            raise ApiError(503, "SERVICE_UNAVAILABLE", "session store unavailable; retry shortly",
+                           headers={"Retry-After": "1"}) from None
     except ApiError as err:
         await error_response(err)(scope, receive, send)
         return
@@ -127,6 +131,20 @@ async def sse_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
             writer.finished = True
             with contextlib.suppress(Exception):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class _AsgiEndpoint:
+    """A plain ASGI endpoint for ``Route``, which wraps bare functions as request -> response."""
+
+    def __init__(self, func: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.func = func
+        self.__name__ = "sse_endpoint"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.func(scope, receive, send)
+
+
+sse_endpoint = _AsgiEndpoint(_sse_stream)
 
 
 async def _wait_disconnect(receive: Receive) -> None:

@@ -8,7 +8,7 @@ import time
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from common import jsoncodec
-from common.errors import ApiError
+from common.errors import ApiError, BackendUnavailable
 from common.protocol import PONG_FRAME, FrameError, error_frame, parse_client_frame
 from common.ratelimit import TokenBucket
 from gateway.connection import CLOSE_LIMIT, Connection, OutItem
@@ -61,6 +61,13 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     sink = WebSocketSink(websocket)
     try:
         conn = await node.admit(identity, "websocket", sink)
+    except BackendUnavailable:
+        err = ApiError(503, "SERVICE_UNAVAILABLE", "session store unavailable; retry shortly",
+                       headers={"Retry-After": "1"})
+        await websocket.send_denial_response(
+            JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+        )
+        return
     except ConnectionRefused as refused:
         await websocket.accept()
         await websocket.send_text(error_frame(refused.code, refused.message))

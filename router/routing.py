@@ -1,15 +1,22 @@
-"""Routing of one accepted notification: mailbox first, then live sockets.
+"""Routing accepted notifications: mailbox first, then live sockets.
 
 With at-least-once delivery a user-targeted notification is written to the
 user's mailbox *before* the session lookup. A connection that registers
 after the lookup therefore finds it in the mailbox when it replays, and one
-that registered before gets it live: no window in which it is in neither.
+that registered before gets it live: there is no window in which it is in
+neither. With at-most-once only offline users are queued, and the lookup is
+repeated after the write so a user who connected meanwhile still gets it.
+
+Routing works on batches so a router pays one mailbox write, one pipelined
+session lookup and one pipelined stream append per batch, not per event.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from common.backends.base import (
     Delivery,
@@ -17,6 +24,7 @@ from common.backends.base import (
     MailboxPut,
     NodeDelivery,
     RouteReport,
+    SessionInfo,
     SessionStore,
     UserOutcome,
 )
@@ -25,9 +33,19 @@ from common.settings import Settings
 
 log = logging.getLogger("ara.router")
 
+Accepted = tuple[Notification, Target]
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """Reports in input order, plus the mailbox writes that could not be made."""
+
+    reports: list[RouteReport]
+    unwritten: list[MailboxPut] = field(default_factory=list)
+
 
 class Router:
-    """Resolves a target through the session store and hands it to gateways."""
+    """Resolves targets through the session store and hands them to gateways."""
 
     def __init__(
         self,
@@ -42,73 +60,126 @@ class Router:
         self.queue_enabled = settings.queue_enabled
         self.at_least_once = settings.at_least_once and settings.queue_enabled
 
-    async def route(self, notification: Notification, target: Target) -> RouteReport:
-        if notification.expired():
-            return RouteReport(error="expired")
-        if target.kind in ("user", "users"):
-            return await self._route_users(notification, target.user_ids)
-        if target.kind in ("channel", "channels"):
-            return await self._route_channels(notification, target.channels)
-        return await self._route_broadcast(notification)
-
-    async def _route_users(self, n: Notification, user_ids: tuple[str, ...]) -> RouteReport:
-        unique = list(dict.fromkeys(user_ids))
-        tenant = n.tenant_id
-        if self.at_least_once:
-            # Mailbox first (see module docstring), then the session lookup.
-            await self.mailbox.put([MailboxPut(u, n, delivered=False) for u in unique])
-            sessions = await self.sessions.sessions_of(tenant, unique)
-        else:
-            sessions = await self.sessions.sessions_of(tenant, unique)
-            offline = [u for u in unique if not sessions.get(u)]
-            if self.queue_enabled and offline:
-                await self.mailbox.put([MailboxPut(u, n, delivered=False) for u in offline])
-        report = RouteReport()
-        by_node: dict[str, list[str]] = defaultdict(list)
-        for user_id in unique:
-            found = sessions.get(user_id) or []
-            outcome = UserOutcome(connections=len(found))
-            outcome.queued = self.queue_enabled and (not found)
-            report.users[user_id] = outcome
-            report.delivered_to += len(found)
-            for node in {s.node_id for s in found}:
-                by_node[node].append(user_id)
-        for node, users in by_node.items():
-            await self._deliver(node, Delivery("users", n, user_ids=tuple(users)), report)
-        if self.at_least_once:
-            # Mark what went out live so a later replay flags it ``redelivered``.
-            live = [(u, n.id) for u, outcome in report.users.items() if outcome.connections]
-            if live:
-                await self.mailbox.mark_delivered(tenant, live)
-        return report
-
-    async def _route_channels(self, n: Notification, channels: tuple[str, ...]) -> RouteReport:
-        unique = tuple(dict.fromkeys(channels))
-        placement = await self.sessions.channel_nodes(n.tenant_id, unique)
-        report = RouteReport()
-        nodes: set[str] = set()
-        for channel in unique:
-            counts = placement.get(channel, {})
-            report.channels[channel] = sum(counts.values())
-            report.delivered_to += report.channels[channel]
-            nodes.update(counts)
-        for node in nodes:
-            await self._deliver(node, Delivery("channels", n, channels=unique), report)
-        return report
-
-    async def _route_broadcast(self, n: Notification) -> RouteReport:
-        report = RouteReport(delivered_to=await self.sessions.tenant_connections(n.tenant_id))
-        for node in await self.sessions.live_nodes():
-            await self._deliver(node, Delivery("broadcast", n), report)
-        return report
-
-    async def _deliver(self, node: str, delivery: Delivery, report: RouteReport) -> None:
-        try:
-            await self.delivery.deliver(node, delivery)
-        except Exception:
-            log.exception("delivery to node %s failed", node)
-            report.failed += 1
-
     async def dispatch(self, notification: Notification, target: Target) -> RouteReport:
         """``Dispatcher`` for the embedded node: route inline, in this process."""
-        return await self.route(notification, target)
+        return (await self.route_many([(notification, target)])).reports[0]
+
+    async def route_many(self, batch: Sequence[Accepted], mailbox_up: bool = True) -> BatchResult:
+        """Route a batch in order. With ``mailbox_up`` False, live delivery still
+        happens and the mailbox writes are returned for a later retry."""
+        reports = [RouteReport() for _ in batch]
+        live = [i for i, (n, _) in enumerate(batch) if not n.expired()]
+        for i in set(range(len(batch))) - set(live):
+            reports[i].error = "expired"
+        result = BatchResult(reports)
+
+        user_items = [i for i in live if batch[i][1].kind in ("user", "users")]
+        if self.at_least_once and user_items:
+            puts = [
+                MailboxPut(u, batch[i][0], delivered=False)
+                for i in user_items
+                for u in dict.fromkeys(batch[i][1].user_ids)
+            ]
+            if mailbox_up:
+                await self.mailbox.put(puts)
+            else:
+                result.unwritten.extend(puts)
+
+        sessions = await self._lookup(batch, user_items)
+        if not self.at_least_once and self.queue_enabled and user_items:
+            puts = [
+                MailboxPut(u, batch[i][0], delivered=False)
+                for i in user_items
+                for u in dict.fromkeys(batch[i][1].user_ids)
+                if not sessions.get((batch[i][0].tenant_id, u))
+            ]
+            if puts:
+                if mailbox_up:
+                    await self.mailbox.put(puts)
+                    # Someone may have connected while we wrote: look again.
+                    sessions.update(await self._lookup_pairs(
+                        {(p.notification.tenant_id, p.user_id) for p in puts}))
+                else:
+                    result.unwritten.extend(puts)
+
+        deliveries: list[tuple[str, Delivery]] = []
+        delivered_pairs: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        for i in live:
+            n, target = batch[i]
+            report = reports[i]
+            if target.kind in ("user", "users"):
+                by_node: dict[str, list[str]] = defaultdict(list)
+                for user_id in dict.fromkeys(target.user_ids):
+                    found = sessions.get((n.tenant_id, user_id), [])
+                    report.users[user_id] = UserOutcome(
+                        connections=len(found), queued=self.queue_enabled and not found
+                    )
+                    report.delivered_to += len(found)
+                    for node in {s.node_id for s in found}:
+                        by_node[node].append(user_id)
+                    if found and self.at_least_once:
+                        delivered_pairs[n.tenant_id].append((user_id, n.id))
+                for node, users in by_node.items():
+                    deliveries.append((node, Delivery("users", n, user_ids=tuple(users))))
+            elif target.kind in ("channel", "channels"):
+                channels = tuple(dict.fromkeys(target.channels))
+                placement = await self.sessions.channel_nodes(n.tenant_id, channels)
+                nodes: set[str] = set()
+                for channel in channels:
+                    counts = placement.get(channel, {})
+                    report.channels[channel] = sum(counts.values())
+                    report.delivered_to += report.channels[channel]
+                    nodes.update(counts)
+                shared = Delivery("channels", n, channels=channels)
+                deliveries.extend((node, shared) for node in sorted(nodes))
+            else:
+                report.delivered_to = await self.sessions.tenant_connections(n.tenant_id)
+                shared = Delivery("broadcast", n)
+                deliveries.extend((node, shared) for node in await self.sessions.live_nodes())
+
+        await self._deliver(deliveries, batch, reports)
+        if mailbox_up:
+            for tenant, pairs in delivered_pairs.items():
+                await self.mailbox.mark_delivered(tenant, pairs)
+        return result
+
+    async def _lookup(
+        self, batch: Sequence[Accepted], user_items: list[int]
+    ) -> dict[tuple[str, str], list[SessionInfo]]:
+        pairs = {(batch[i][0].tenant_id, u) for i in user_items for u in batch[i][1].user_ids}
+        return await self._lookup_pairs(pairs)
+
+    async def _lookup_pairs(
+        self, pairs: set[tuple[str, str]]
+    ) -> dict[tuple[str, str], list[SessionInfo]]:
+        by_tenant: dict[str, list[str]] = defaultdict(list)
+        for tenant, user in sorted(pairs):
+            by_tenant[tenant].append(user)
+        found: dict[tuple[str, str], list[SessionInfo]] = {}
+        for tenant, users in by_tenant.items():
+            for user, sessions in (await self.sessions.sessions_of(tenant, users)).items():
+                found[(tenant, user)] = sessions
+        return found
+
+    async def _deliver(
+        self,
+        deliveries: list[tuple[str, Delivery]],
+        batch: Sequence[Accepted],
+        reports: list[RouteReport],
+    ) -> None:
+        if not deliveries:
+            return
+        deliver_many = getattr(self.delivery, "deliver_many", None)
+        try:
+            if deliver_many is not None:
+                await deliver_many(deliveries)
+                return
+            for node, delivery in deliveries:
+                await self.delivery.deliver(node, delivery)
+        except Exception:
+            log.exception("handing %d deliveries to gateways failed", len(deliveries))
+            index = {id(n): i for i, (n, _) in enumerate(batch)}
+            for _, delivery in deliveries:
+                i = index.get(id(delivery.notification))
+                if i is not None:
+                    reports[i].failed += 1

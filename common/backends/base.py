@@ -95,7 +95,9 @@ class SessionStore(Protocol):
 
     async def register(self, session: SessionInfo) -> None: ...
 
-    async def unregister(self, session: SessionInfo) -> None: ...
+    async def unregister(self, session: SessionInfo) -> None:
+        """Forget a connection, and its part in the channels it was subscribed to."""
+        ...
 
     async def update_channels(
         self, session: SessionInfo, added: Sequence[str], removed: Sequence[str]

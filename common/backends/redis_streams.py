@@ -1,0 +1,99 @@
+"""Redis streams that carry work: partition streams in, gateway streams out.
+
+A partition stream (``ara:part:{NN}``) holds accepted notifications in the
+order they were accepted; its consumer group ``routers`` lets a new owner
+claim what a dead router left pending. A gateway stream (``ara:node:{id}``)
+holds what one gateway must write to its sockets; only that gateway reads
+it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from common import jsoncodec
+from common.backends.base import Delivery
+from common.backends.redis_client import RedisHandle
+from common.protocol import Notification, Target
+
+GROUP = "routers"
+NODE_STREAM_MAXLEN = 100_000
+
+
+def encode_accepted(notification: Notification, target: Target) -> bytes:
+    return jsoncodec.dumps({"n": notification.to_record(), "t": target.to_dict()})
+
+
+def decode_accepted(raw: bytes) -> tuple[Notification, Target]:
+    data = jsoncodec.loads(raw)
+    return Notification.from_record(data["n"]), Target.from_dict(data["t"])
+
+
+def encode_delivery(delivery: Delivery) -> bytes:
+    body: dict[str, Any] = {"k": delivery.kind, "n": delivery.notification.to_record()}
+    if delivery.user_ids:
+        body["u"] = list(delivery.user_ids)
+    if delivery.channels:
+        body["c"] = list(delivery.channels)
+    return jsoncodec.dumps(body)
+
+
+def decode_delivery(raw: bytes) -> Delivery:
+    data = jsoncodec.loads(raw)
+    return Delivery(
+        kind=data["k"],
+        notification=Notification.from_record(data["n"]),
+        user_ids=tuple(data.get("u", ())),
+        channels=tuple(data.get("c", ())),
+    )
+
+
+class PartitionProducer:
+    """Appends accepted notifications to their partition streams (one round trip)."""
+
+    def __init__(self, handle: RedisHandle) -> None:
+        self.redis = handle
+
+    async def append(self, entries: Sequence[tuple[int, bytes]]) -> None:
+        keys = self.redis.keys
+
+        async def op(r: Any) -> None:
+            async with r.pipeline(transaction=False) as pipe:
+                for partition, payload in entries:
+                    pipe.xadd(keys.partition(partition), {b"e": payload})
+                await pipe.execute()
+
+        await self.redis.run(op)
+
+
+class RedisNodeDelivery:
+    """``NodeDelivery`` that appends to the holding gateway's stream."""
+
+    def __init__(self, handle: RedisHandle) -> None:
+        self.redis = handle
+
+    async def deliver(self, node_id: str, delivery: Delivery) -> None:
+        await self.deliver_many([(node_id, delivery)])
+
+    async def deliver_many(self, items: Sequence[tuple[str, Delivery]]) -> None:
+        if not items:
+            return
+        keys = self.redis.keys
+        encoded: dict[int, bytes] = {}
+
+        async def op(r: Any) -> None:
+            async with r.pipeline(transaction=False) as pipe:
+                for node_id, delivery in items:
+                    payload = encoded.get(id(delivery))
+                    if payload is None:
+                        payload = encoded[id(delivery)] = encode_delivery(delivery)
+                    pipe.xadd(
+                        keys.node_stream(node_id),
+                        {b"d": payload},
+                        maxlen=NODE_STREAM_MAXLEN,
+                        approximate=True,
+                    )
+                await pipe.execute()
+
+        await self.redis.run(op)

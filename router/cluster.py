@@ -1,0 +1,393 @@
+"""The ClusterRouter process: owns partitions, routes their streams in order.
+
+Each router heartbeats in ``ara:routers``; every tick it computes which
+partitions the consistent-hash ring gives it among the live routers, takes
+the leases of those, and gives back the ones that moved away. For each
+partition it holds it first claims what the previous owner left pending
+(``XAUTOCLAIM``), then reads new entries with its consumer group, routes
+them in batches and acknowledges them only once routed.
+
+If Postgres is down, events still go out live; their mailbox writes are
+kept in order and retried, and their stream entries stay unacknowledged
+until written, so a router dying meanwhile loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.exceptions import ResponseError
+
+from common import jsoncodec
+from common.backends.base import MailboxPut
+from common.backends.postgres import (
+    PostgresHandle,
+    PostgresMailbox,
+    PostgresReceipts,
+    PostgresTemplates,
+)
+from common.backends.redis_client import RedisHandle
+from common.backends.redis_sessions import RedisSessionStore
+from common.backends.redis_streams import (
+    GROUP,
+    PartitionProducer,
+    RedisNodeDelivery,
+    decode_accepted,
+)
+from common.errors import BackendUnavailable
+from common.metrics import Metrics
+from common.ring import partition_owners
+from common.settings import Settings
+from router.leases import Leases
+from router.pubsub import PubSubTrigger
+from router.routing import Accepted, Router
+
+log = logging.getLogger("ara.router.cluster")
+
+ROUTER_TTL = 5.0
+LEASE_TTL = 5.0
+TICK = 1.0
+BATCH = 500
+MAX_BACKLOG = 10_000
+DEAD_NODE_GRACE = 600.0
+
+
+@dataclass
+class PartitionState:
+    """Per-partition work: whether pending entries must be claimed, and the mailbox backlog."""
+
+    claim_needed: bool = True
+    backlog_ids: list[bytes] = field(default_factory=list)
+    backlog_puts: list[MailboxPut] = field(default_factory=list)
+
+
+class ClusterRouter:
+    """One router process of the cluster."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        if not settings.redis_url or not settings.database_url:
+            raise ValueError("a router needs REDIS_URL and DATABASE_URL")
+        self.settings = settings
+        self.metrics = metrics
+        self.router_id = settings.node_id
+        self.partitions = settings.router_partitions
+        self.redis = RedisHandle(settings.redis_url, settings.redis_key_prefix)
+        self.pg = PostgresHandle(settings.database_url, min_size=0, max_size=10)
+        self.keys = self.redis.keys
+        self.sessions = RedisSessionStore(self.redis, None, None)
+        self.mailbox = PostgresMailbox(self.pg, settings.queue_max_size_per_user)
+        self.router = Router(settings, self.sessions, self.mailbox, RedisNodeDelivery(self.redis))
+        self.leases = Leases(self.redis, self.router_id, LEASE_TTL)
+        self.state: dict[int, PartitionState] = {}
+        self.lock = asyncio.Lock()
+        self.ready = False
+        self.stopping = False
+        self.started_at = time.time()
+        self.routed = 0
+        self.pubsub = PubSubTrigger(
+            settings, self.redis, self.sessions, PartitionProducer(self.redis),
+            PostgresTemplates(self.pg), PostgresReceipts(self.pg), metrics,
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.pg.open()
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._membership_loop()),
+            loop.create_task(self._consume_loop()),
+            loop.create_task(self._janitor_loop()),
+            loop.create_task(self.pubsub.run(self.router_id)),
+        ]
+
+    async def stop(self) -> None:
+        self.stopping = True
+        self.ready = False
+        async with self.lock:
+            for task in self._tasks:
+                task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.pubsub.resign(self.router_id), timeout=2)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._leave(), timeout=3)
+        await self.pg.close()
+        await self.redis.close()
+
+    async def _leave(self) -> None:
+        await self.leases.release(sorted(self.leases.valid_until))
+
+        async def op(r: Any) -> Any:
+            async with r.pipeline(transaction=False) as pipe:
+                pipe.zrem(self.keys.routers, self.router_id)
+                pipe.hdel(self.keys.router_info, self.router_id)
+                return await pipe.execute()
+
+        await self.redis.run(op)
+        log.info("router %s left the cluster", self.router_id)
+
+    # -- membership and leases ---------------------------------------------------
+
+    async def _membership_loop(self) -> None:
+        await self._ensure_groups()
+        while True:
+            try:
+                await self._tick()
+                self.ready = True
+                self.metrics.backend_up.labels("redis").set(1)
+            except Exception as exc:
+                self.metrics.backend_up.labels("redis").set(0)
+                log.warning("membership tick failed: %s", exc)
+            await asyncio.sleep(TICK)
+
+    async def _tick(self) -> None:
+        now = time.time()
+        info = jsoncodec.dumps({
+            "partitions": self.leases.held(),
+            "routed": self.routed,
+            "started_at": self.started_at,
+            "backlog": sum(len(s.backlog_puts) for s in self.state.values()),
+        })
+
+        async def op(r: Any) -> Any:
+            async with r.pipeline(transaction=False) as pipe:
+                pipe.zadd(self.keys.routers, {self.router_id: now})
+                pipe.hset(self.keys.router_info, self.router_id, info)
+                pipe.zrangebyscore(self.keys.routers, now - ROUTER_TTL, "+inf")
+                return await pipe.execute()
+
+        *_, members = await self.redis.run(op)
+        live = [m.decode() for m in members]
+        owners = partition_owners(live, self.partitions)
+        desired = {p for p, owner in owners.items() if owner == self.router_id}
+        for p in await self.leases.renew():
+            log.warning("lease of partition %d was lost", p)
+            self.state.pop(p, None)
+        held = set(self.leases.held())
+        moving = sorted(held - desired)
+        if moving:
+            async with self.lock:
+                await self.leases.release(moving)
+                for p in moving:
+                    self.state.pop(p, None)
+            log.info("released partitions %s", moving)
+        won = await self.leases.acquire(sorted(desired - held))
+        for p in won:
+            self.state[p] = PartitionState()
+        if won:
+            log.info("took partitions %s", won)
+
+    async def _ensure_groups(self) -> None:
+        while True:
+            try:
+                async def op(r: Any) -> Any:
+                    async with r.pipeline(transaction=False) as pipe:
+                        for p in range(self.partitions):
+                            pipe.xgroup_create(self.keys.partition(p), GROUP, id="0", mkstream=True)
+                        return await pipe.execute(raise_on_error=False)
+
+                results = await self.redis.run(op)
+                for result in results:
+                    if isinstance(result, Exception) and "BUSYGROUP" not in str(result):
+                        raise result
+                return
+            except Exception as exc:
+                log.warning("creating consumer groups failed: %s", exc)
+                await asyncio.sleep(0.5)
+
+    # -- consuming -------------------------------------------------------------------
+
+    async def _consume_loop(self) -> None:
+        backoff = 0.05
+        while True:
+            held = [p for p in self.leases.held() if p in self.state]
+            if not held:
+                await asyncio.sleep(0.05)
+                continue
+            try:
+                for p in held:
+                    if self.state[p].claim_needed:
+                        await self._claim(p)
+                await self._retry_backlogs()
+                streams = {
+                    self.keys.partition(p): ">"
+                    for p in held
+                    if len(self.state[p].backlog_puts) < MAX_BACKLOG
+                }
+                if not streams:
+                    await asyncio.sleep(0.2)
+                    continue
+                response = await self.redis.blocking.xreadgroup(
+                    GROUP, self.router_id, streams, count=BATCH, block=200
+                )
+                backoff = 0.05
+            except asyncio.CancelledError:
+                raise
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    log.warning("consumer groups are gone (Redis restarted?); recreating")
+                    await self._ensure_groups()
+                    for state in self.state.values():
+                        state.claim_needed = True
+                else:
+                    log.warning("reading partitions failed: %s", exc)
+                    await asyncio.sleep(backoff)
+                continue
+            except Exception as exc:
+                log.warning("reading partitions failed: %s", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(2.0, backoff * 2)
+                continue
+            async with self.lock:
+                for stream, entries in response or []:
+                    p = int(stream.decode().rsplit("{", 1)[1].rstrip("}"))
+                    if self.leases.holds(p) and p in self.state:
+                        await self._process(p, entries)
+
+    async def _claim(self, p: int) -> None:
+        key = self.keys.partition(p)
+        start: Any = "0-0"
+        async with self.lock:
+            if not self.leases.holds(p) or p not in self.state:
+                return
+            while True:
+                reply = await self.redis.client.xautoclaim(
+                    key, GROUP, self.router_id, min_idle_time=0, start_id=start, count=BATCH
+                )
+                start, entries = reply[0], reply[1]
+                deleted = list(reply[2]) if len(reply) > 2 else []
+                if deleted:
+                    await self._ack(p, deleted)
+                if entries:
+                    log.info("partition %d: claimed %d pending entries", p, len(entries))
+                    await self._process(p, entries)
+                if start in (b"0-0", "0-0"):
+                    break
+            self.state[p].claim_needed = False
+
+    async def _process(self, p: int, entries: list[Any]) -> None:
+        state = self.state[p]
+        batch: list[Accepted] = []
+        ids: list[bytes] = []
+        dropped: list[bytes] = []
+        for entry_id, fields in entries:
+            if not fields or b"e" not in fields:
+                dropped.append(entry_id)
+                continue
+            try:
+                batch.append(decode_accepted(fields[b"e"]))
+                ids.append(entry_id)
+            except Exception:
+                log.exception("partition %d: dropping undecodable entry %r", p, entry_id)
+                dropped.append(entry_id)
+        if dropped:
+            await self._ack(p, dropped)
+        if not batch:
+            return
+        mailbox_up = not state.backlog_puts
+        try:
+            try:
+                result = await self.router.route_many(batch, mailbox_up=mailbox_up)
+            except BackendUnavailable as exc:
+                if exc.backend != "postgres":
+                    raise
+                log.warning("partition %d: mailbox unavailable, delivering live only", p)
+                self.metrics.backend_up.labels("postgres").set(0)
+                result = await self.router.route_many(batch, mailbox_up=False)
+        except Exception as exc:
+            # Redis trouble mid-batch: leave the entries pending and claim them again.
+            log.warning("partition %d: routing failed (%s); will retry", p, exc)
+            state.claim_needed = True
+            await asyncio.sleep(0.1)
+            return
+        if any(r.failed for r in result.reports):
+            state.claim_needed = True
+            return
+        self.routed += len(batch)
+        if result.unwritten or state.backlog_puts:
+            state.backlog_ids.extend(ids)
+            state.backlog_puts.extend(result.unwritten)
+            return
+        await self._ack(p, ids)
+
+    async def _retry_backlogs(self) -> None:
+        for p, state in list(self.state.items()):
+            if not state.backlog_ids:
+                continue
+            async with self.lock:
+                if p not in self.state or not self.leases.holds(p):
+                    continue
+                try:
+                    await self.mailbox.put(state.backlog_puts)
+                except BackendUnavailable:
+                    return
+                log.info("partition %d: wrote %d delayed mailbox entries", p,
+                         len(state.backlog_puts))
+                self.metrics.backend_up.labels("postgres").set(1)
+                await self._ack(p, state.backlog_ids)
+                state.backlog_ids.clear()
+                state.backlog_puts.clear()
+
+    async def _ack(self, p: int, ids: list[bytes]) -> None:
+        key = self.keys.partition(p)
+
+        async def op(r: Any) -> Any:
+            async with r.pipeline(transaction=False) as pipe:
+                pipe.xack(key, GROUP, *ids)
+                pipe.xdel(key, *ids)
+                return await pipe.execute()
+
+        await self.redis.run(op)
+
+    # -- housekeeping ----------------------------------------------------------------
+
+    async def _janitor_loop(self) -> None:
+        while True:
+            await asyncio.sleep(30)
+            try:
+                await self._sweep()
+            except Exception as exc:
+                log.warning("janitor sweep failed: %s", exc)
+
+    async def _sweep(self) -> None:
+        cutoff = time.time() - DEAD_NODE_GRACE
+
+        async def op(r: Any) -> Any:
+            dead = await r.zrangebyscore(self.keys.nodes, "-inf", cutoff)
+            if dead:
+                async with r.pipeline(transaction=False) as pipe:
+                    for node in dead:
+                        name = node.decode()
+                        pipe.delete(self.keys.node_stream(name), self.keys.node_mark(name))
+                        pipe.hdel(self.keys.node_info, name)
+                    pipe.zremrangebyscore(self.keys.nodes, "-inf", cutoff)
+                    pipe.zremrangebyscore(self.keys.routers, "-inf", cutoff)
+                    await pipe.execute()
+            return dead
+
+        dead = await self.redis.run(op)
+        if dead:
+            log.info("removed %d dead gateways", len(dead))
+        if self.leases.holds(0):
+            removed = await self.mailbox.purge_expired(time.time())
+            if removed:
+                log.info("purged %d expired mailbox entries", removed)
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "healthy" if self.redis.breaker.healthy else "degraded",
+            "router_id": self.router_id,
+            "partitions": self.leases.held(),
+            "routed": self.routed,
+            "backlog": sum(len(s.backlog_puts) for s in self.state.values()),
+            "uptime_seconds": round(time.time() - self.started_at, 3),
+        }

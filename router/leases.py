@@ -1,0 +1,100 @@
+"""Partition leases in Redis: at most one router works a partition at a time.
+
+A lease is a key holding the owner's id with a TTL. It is taken with
+``SET NX PX``, renewed and released only by its holder (compare-and-set in
+Lua), so a router that stalls past the TTL loses its partitions instead of
+processing them beside the new owner.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from common.backends.redis_client import RedisHandle
+
+RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class Leases:
+    """Acquire, renew and release partition leases for one router."""
+
+    def __init__(self, handle: RedisHandle, owner: str, ttl_seconds: float) -> None:
+        self.redis = handle
+        self.owner = owner.encode()
+        self.ttl_ms = int(ttl_seconds * 1000)
+        # partition -> monotonic deadline until which our lease is certainly valid
+        self.valid_until: dict[int, float] = {}
+
+    def holds(self, partition: int) -> bool:
+        return time.monotonic() < self.valid_until.get(partition, 0.0)
+
+    def held(self) -> list[int]:
+        now = time.monotonic()
+        return sorted(p for p, until in self.valid_until.items() if until > now)
+
+    async def acquire(self, partitions: list[int]) -> list[int]:
+        if not partitions:
+            return []
+        started = time.monotonic()
+
+        async def op(r: Any) -> Any:
+            async with r.pipeline(transaction=False) as pipe:
+                for p in partitions:
+                    pipe.set(self.redis.keys.lease(p), self.owner, nx=True, px=self.ttl_ms)
+                return await pipe.execute()
+
+        results = await self.redis.run(op)
+        won = [p for p, ok in zip(partitions, results, strict=True) if ok]
+        for p in won:
+            self.valid_until[p] = started + self.ttl_ms / 1000 * 0.8
+        return won
+
+    async def renew(self) -> list[int]:
+        """Renew every lease we hold; returns the partitions we lost."""
+        partitions = sorted(self.valid_until)
+        if not partitions:
+            return []
+        started = time.monotonic()
+
+        async def op(r: Any) -> Any:
+            async with r.pipeline(transaction=False) as pipe:
+                for p in partitions:
+                    pipe.eval(RENEW, 1, self.redis.keys.lease(p), self.owner, self.ttl_ms)
+                return await pipe.execute()
+
+        results = await self.redis.run(op)
+        lost = []
+        for p, ok in zip(partitions, results, strict=True):
+            if ok:
+                self.valid_until[p] = started + self.ttl_ms / 1000 * 0.8
+            else:
+                lost.append(p)
+                self.valid_until.pop(p, None)
+        return lost
+
+    async def release(self, partitions: list[int]) -> None:
+        for p in partitions:
+            self.valid_until.pop(p, None)
+        if not partitions:
+            return
+
+        async def op(r: Any) -> Any:
+            async with r.pipeline(transaction=False) as pipe:
+                for p in partitions:
+                    pipe.eval(RELEASE, 1, self.redis.keys.lease(p), self.owner)
+                return await pipe.execute()
+
+        await self.redis.run(op)
