@@ -172,9 +172,13 @@ async def run_batch(sender: Sender, batch: BatchRequest, tenant: str) -> dict[st
             if batch.options.stop_on_error:
                 stop = True
         results.append(entry)
+    batch_id = str(uuid.uuid4())
     return {
         "success": failed == 0,
-        "batch_id": str(uuid.uuid4()),
+        "notification_id": batch_id,
+        "delivered_to": total_delivered,
+        "failed": failed,
+        "batch_id": batch_id,
         "results": results,
         "summary": {
             "total": len(results),

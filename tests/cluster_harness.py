@@ -31,7 +31,7 @@ from common.settings import load_settings
 
 API_KEY = "cluster-test-api-key-0123456789"
 JWT_SECRET = "cluster-test-jwt-secret-0123456789-abcdef"
-PG_ADMIN_DSN = os.environ.get("ARA_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -48,6 +48,28 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
             return
         time.sleep(0.05)
     raise TimeoutError(f"port {port} did not open")
+
+
+_session_pg: PrivatePostgres | None = None
+
+
+def pg_admin_dsn() -> str:
+    """Where test databases are created: ``ARA_TEST_PG``, the local server, or a private one."""
+    global _session_pg
+    configured = os.environ.get("ARA_TEST_PG")
+    if configured:
+        return configured
+    if _session_pg is not None:
+        return _session_pg.dsn
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", 5432), 0.5):
+        return DEFAULT_PG
+    _session_pg = PrivatePostgres()
+    _session_pg.init()
+    _session_pg.start()
+    import atexit
+
+    atexit.register(_session_pg.cleanup)
+    return _session_pg.dsn
 
 
 class RedisServer:
@@ -294,13 +316,14 @@ async def running_cluster(
     routers: int = 1,
     env: dict[str, str] | None = None,
     redis: RedisServer | None = None,
-    admin_dsn: str = PG_ADMIN_DSN,
+    admin_dsn: str | None = None,
 ) -> AsyncIterator[Cluster]:
+    admin = admin_dsn or pg_admin_dsn()
     own_redis = redis is None
     server = redis or RedisServer()
     if own_redis:
         server.start()
-    dsn = await create_database(admin_dsn)
+    dsn = await create_database(admin)
     await migrate(dsn)
     cluster = Cluster(server.url, dsn, tmp_path, env=dict(env or {}))
     try:
@@ -316,7 +339,7 @@ async def running_cluster(
         if own_redis:
             server.stop()
         with contextlib.suppress(Exception):
-            await drop_database(admin_dsn, dsn)
+            await drop_database(admin, dsn)
 
 
 class Client:
