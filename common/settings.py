@@ -179,8 +179,21 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]).upper() or "configuration"
-            lines.append(f"{where}: {err['msg']}")
-        raise SettingsError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+        errors = list(exc.errors())
+    # A field error stops pydantic before the cross-field checks; run those too, with
+    # the broken fields at their defaults, so every problem is reported at once.
+    broken = {str(err["loc"][0]) for err in errors if err["loc"]} & set(Settings.model_fields)
+    if broken:
+        defaults = {
+            name: Settings.model_fields[name].get_default(call_default_factory=True)
+            for name in broken
+        }
+        try:
+            Settings(**{**overrides, **defaults})
+        except ValidationError as again:
+            errors.extend(err for err in again.errors() if not err["loc"])
+    lines = []
+    for err in errors:
+        where = ".".join(str(p) for p in err["loc"]).upper() or "configuration"
+        lines.append(f"{where}: {err['msg']}")
+    raise SettingsError("invalid configuration:\n  " + "\n  ".join(lines))

@@ -41,11 +41,14 @@ def _token(request: Request) -> str | None:
     return None
 
 
-def authenticate(request: Request) -> Identity:
+def authenticate(request: Request, for_stream: bool = False) -> Identity:
     token = _token(request)
     if token is None:
         raise ApiError(401, "UNAUTHORIZED", "missing token")
-    identity: Identity = request.app.state.verifier.verify(token)
+    verifier = request.app.state.verifier
+    identity: Identity = (
+        verifier.verify_for_connection(token) if for_stream else verifier.verify(token)
+    )
     return identity
 
 
@@ -102,7 +105,7 @@ async def _sse_stream(scope: Scope, receive: Receive, send: Send) -> None:
     try:
         if request.method != "GET":
             raise ApiError(405, "METHOD_NOT_ALLOWED", "use GET")
-        identity = authenticate(request)
+        identity = authenticate(request, for_stream=True)
         channels = _channels(request, node.settings.websocket_max_subscriptions_per_connection)
         await request.app.state.connect_limiter.check(request, identity)
         writer = _Writer(send)
