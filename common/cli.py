@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-
 from typing import Any
 
 from common.settings import Settings, SettingsError, load_settings
+from common.telemetry import setup_tracing
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -29,6 +29,7 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.server import run
 
     settings = _settings(args)
+    setup_tracing("ara-notify", settings.otel_enabled)
     run(create_app(settings, embedded_backends), settings)
     return 0
 
@@ -48,6 +49,7 @@ def _gateway(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     _require_cluster(settings)
+    setup_tracing("ara-gateway", settings.otel_enabled)
     run(create_app(settings, cluster_backends), settings)
     return 0
 
@@ -59,6 +61,7 @@ def _router(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     _require_cluster(settings)
+    setup_tracing("ara-router", settings.otel_enabled)
     uvicorn.run(
         create_router_app(settings), host=settings.server_host, port=settings.server_port,
         log_config=None, access_log=False, lifespan="on",

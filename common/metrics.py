@@ -60,6 +60,30 @@ class Metrics:
         self.backend_up = Gauge(
             "ara_backend_up", "Backend reachable (1) or not (0)", ["backend"], registry=r
         )
+        self.router_lag = Gauge(
+            "ara_router_partition_lag",
+            "Entries waiting in a partition stream owned by this router",
+            ["partition"],
+            registry=r,
+        )
+        self.router_partitions = Gauge(
+            "ara_router_partitions", "Partitions whose lease this router holds", registry=r
+        )
+        self.routed = Counter("ara_router_routed", "Notifications routed", registry=r)
+        self.router_batch_seconds = Histogram(
+            "ara_router_batch_seconds",
+            "Time to route one batch read from a partition stream",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+            registry=r,
+        )
+        self.router_backlog = Gauge(
+            "ara_router_mailbox_backlog",
+            "Mailbox writes waiting for Postgres to come back",
+            registry=r,
+        )
+        self.pubsub_dispatched = Counter(
+            "ara_pubsub_dispatched", "Pub/Sub trigger messages dispatched", registry=r
+        )
         self.pubsub_invalid = Counter(
             "ara_pubsub_invalid", "Pub/Sub trigger messages dropped as invalid", registry=r
         )

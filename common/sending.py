@@ -7,29 +7,20 @@ templates, ttl defaults and receipts behave the same whatever the entry.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any
 
 from common.api_models import Content
 from common.backends.base import Dispatcher, ReceiptStore, RouteReport, TemplateStore
 from common.errors import ApiError
+from common.logs import current_notification
 from common.metrics import Metrics
 from common.protocol import Notification, Target
 from common.settings import Settings
+from common.stats import StatsStore
+from common.telemetry import carrier, span
 from common.templating import render
 
 log = logging.getLogger("ara.sending")
-
-
-@dataclass(slots=True)
-class SendTotals:
-    """Per-tenant send counters of this process (``/api/v1/stats``)."""
-
-    sent: int = 0
-    delivered: int = 0
-    failed: int = 0
-    queued: int = 0
 
 
 class Sender:
@@ -42,18 +33,19 @@ class Sender:
         templates: TemplateStore,
         receipts: ReceiptStore,
         metrics: Metrics,
+        stats: StatsStore,
     ) -> None:
         self.settings = settings
         self.dispatcher = dispatcher
         self.templates = templates
         self.receipts = receipts
         self.metrics = metrics
-        self.totals: defaultdict[str, SendTotals] = defaultdict(SendTotals)
+        self.stats = stats
 
     async def build(self, content: Content, tenant_id: str, source: str) -> Notification:
         event_type = content.event_type
         payload: Any = content.payload if content.payload is not None else {}
-        priority = content.priority
+        priority: str | None = content.priority
         ttl = content.ttl
         if content.template_id is not None:
             template = await self.templates.get(tenant_id, content.template_id)
@@ -81,18 +73,31 @@ class Sender:
         )
 
     async def send(self, notification: Notification, target: Target) -> RouteReport:
-        report = await self.dispatcher.dispatch(notification, target)
+        with span("ara.dispatch", attributes={
+            "ara.notification_id": notification.id,
+            "ara.target": target.kind,
+            "ara.tenant": notification.tenant_id,
+        }):
+            notification.trace = carrier()
+            report = await self.dispatcher.dispatch(notification, target)
+        token = current_notification.set(notification.id)
+        try:
+            log.debug("notification accepted", extra={
+                "event_type": notification.event_type, "target": target.kind,
+                "delivered_to": report.delivered_to, "source": notification.source})
+            self._count(notification, target, report)
+            try:
+                await self.receipts.record(notification, target, report.delivered_to)
+            except Exception:
+                log.warning("receipt not recorded", exc_info=True)
+        finally:
+            current_notification.reset(token)
+        return report
+
+    def _count(self, notification: Notification, target: Target, report: RouteReport) -> None:
         self.metrics.notifications.labels(target.kind, notification.source.split(":")[0]).inc()
         queued = sum(1 for u in report.users.values() if u.queued)
         if queued:
             self.metrics.queued.inc(queued)
-        totals = self.totals[notification.tenant_id]
-        totals.sent += 1
-        totals.delivered += report.delivered_to
-        totals.failed += report.failed + (0 if report.success else 1)
-        totals.queued += queued
-        try:
-            await self.receipts.record(notification, target, report.delivered_to)
-        except Exception:
-            log.warning("receipt for %s not recorded", notification.id, exc_info=True)
-        return report
+        failed = report.failed + (0 if report.success else 1)
+        self.stats.add(notification.tenant_id, 1, report.delivered_to, failed, queued)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from opentelemetry.trace import SpanKind
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -20,9 +22,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from common.auth import ApiKeyChecker, TokenVerifier
 from common.errors import ApiError, BackendUnavailable
 from common.idempotency import Idempotency
+from common.logs import current_request
 from common.metrics import Metrics
 from common.sending import Sender
 from common.settings import Settings
+from common.telemetry import span
 from gateway import rest_info, rest_send
 from gateway.connections import ConnectionManager
 from gateway.http import JSONResponse, error_response
@@ -39,8 +43,25 @@ BackendsFactory = Callable[[Settings, ConnectionManager, Metrics], Backends]
 UNLIMITED_PATHS = ("/health", "/ready", "/metrics")
 
 
+def _request_id(given: str | None) -> str:
+    if given and len(given) <= 128 and given.isprintable():
+        return given
+    return uuid.uuid4().hex
+
+
+def _trace_headers(request: Request) -> dict[str, str] | None:
+    parent = request.headers.get("traceparent")
+    if not parent:
+        return None
+    found = {"traceparent": parent}
+    state = request.headers.get("tracestate")
+    if state:
+        found["tracestate"] = state
+    return found
+
+
 class EdgeMiddleware:
-    """REST rate limit and request metrics, before routing."""
+    """Request id, server span, REST rate limit and request metrics, before routing."""
 
     def __init__(self, app: ASGIApp, limiter: HttpLimiter, metrics: Metrics) -> None:
         self.app = app
@@ -52,13 +73,36 @@ class EdgeMiddleware:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        extra: dict[str, str] = {}
+        request = Request(scope)
+        request_id = _request_id(request.headers.get("x-request-id"))
+        extra: dict[str, str] = {"X-Request-ID": request_id}
         status_box = [500]
+        token = current_request.set(request_id)
+        try:
+            traced = path.startswith("/api/")
+            with span(
+                f"{scope['method']} {path}",
+                parent=_trace_headers(request),
+                kind=SpanKind.SERVER,
+                attributes={"http.method": scope["method"], "http.target": path},
+            ) if traced else contextlib.nullcontext() as current:
+                await self._guarded(scope, receive, send, extra, status_box)
+                if current is not None:
+                    current.set_attribute("http.status_code", status_box[0])
+        finally:
+            current_request.reset(token)
+
+    async def _guarded(
+        self, scope: Scope, receive: Receive, send: Send, extra: dict[str, str],
+        status_box: list[int],
+    ) -> None:
+        path: str = scope["path"]
         if path.startswith("/api/") or path == "/stats":
             try:
-                extra = await self.limiter.check(Request(scope))
+                extra.update(await self.limiter.check(Request(scope)))
             except ApiError as err:
                 self._count(scope, err.status)
+                err.headers.update(extra)
                 await error_response(err)(scope, receive, send)
                 return
 
@@ -87,8 +131,8 @@ def create_app(settings: Settings, make_backends: BackendsFactory) -> Starlette:
     manager = ConnectionManager()
     backends = make_backends(settings, manager, metrics)
     node = GatewayNode(settings, manager, backends, metrics)
-    sender = Sender(settings, backends.dispatcher, backends.templates, backends.receipts, metrics)
-    node.send_totals = sender.totals
+    sender = Sender(settings, backends.dispatcher, backends.templates, backends.receipts, metrics,
+                    backends.stats)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

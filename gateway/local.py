@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from common.backends.base import Delivery, SessionInfo
+from common.telemetry import span, tracing_enabled
 from gateway.connection import Connection
 from gateway.connections import ConnectionManager
 
@@ -96,4 +97,18 @@ class LocalDelivery:
         self.manager = manager
 
     async def deliver(self, node_id: str, delivery: Delivery) -> None:
-        self.manager.deliver(delivery)
+        deliver_traced(self.manager, delivery)
+
+
+def deliver_traced(manager: ConnectionManager, delivery: Delivery) -> int:
+    """Write a delivery to local sockets, as an ``ara.deliver`` span when tracing."""
+    if not tracing_enabled():
+        return manager.deliver(delivery)
+    n = delivery.notification
+    with span("ara.deliver", parent=n.trace, attributes={
+        "ara.notification_id": n.id, "ara.kind": delivery.kind,
+    }) as current:
+        reached = manager.deliver(delivery)
+        if current is not None:
+            current.set_attribute("ara.connections", reached)
+        return reached

@@ -22,6 +22,7 @@ from common.backends.base import ReceiptStore, TemplateStore
 from common.backends.redis_client import RedisHandle
 from common.backends.redis_dispatch import ClusterDispatcher
 from common.backends.redis_sessions import RedisSessionStore
+from common.backends.redis_stats import RedisStats
 from common.backends.redis_streams import PartitionProducer
 from common.errors import ApiError
 from common.metrics import Metrics
@@ -32,6 +33,9 @@ from common.settings import Settings
 log = logging.getLogger("ara.router.pubsub")
 
 LEADER_TTL_MS = 5000
+# The same bound as one REST send body (PROTOCOL §7), so both entry points accept the
+# same content: a bigger message is dropped as invalid instead of fanned out.
+MAX_MESSAGE_BYTES = 64 * 1024
 RENEW_SECONDS = 1.0
 
 RENEW = """
@@ -66,15 +70,20 @@ class PubSubTrigger:
         self.redis = handle
         self.prefix = settings.redis_pubsub_prefix
         self.metrics = metrics
+        self.stats = RedisStats(handle)
         self.sender = Sender(
-            settings, ClusterDispatcher(settings, sessions, producer), templates, receipts, metrics
+            settings, ClusterDispatcher(settings, sessions, producer), templates, receipts, metrics,
+            self.stats,
         )
         self.dispatched = 0
+        self.stopping = False
 
     async def run(self, me: str) -> None:
         reader: asyncio.Task[None] | None = None
+        await self.stats.start()
+        self.stopping = False
         try:
-            while True:
+            while not self.stopping:
                 try:
                     leader = bool(
                         await self.redis.client.eval(
@@ -98,8 +107,10 @@ class PubSubTrigger:
                 reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await reader
+            await self.stats.stop()
 
     async def resign(self, me: str) -> None:
+        self.stopping = True
         await self.redis.client.eval(RESIGN, 1, self.redis.keys.pubsub_leader, me)
 
     async def _read(self) -> None:
@@ -120,7 +131,11 @@ class PubSubTrigger:
     async def handle(self, channel: str, data: Any) -> bool:
         """Validate and dispatch one message; invalid ones are logged, counted, dropped."""
         try:
+            if isinstance(data, (bytes, str)) and len(data) > MAX_MESSAGE_BYTES:
+                raise ValueError(f"message exceeds {MAX_MESSAGE_BYTES} bytes")
             body = jsoncodec.loads(data)
+            if jsoncodec.too_deep(body):
+                raise ValueError(f"message nests deeper than {jsoncodec.MAX_INPUT_DEPTH} levels")
             message = PubSubMessage.model_validate(body)
             tenant = message.tenant_id or "default"
             if not valid_tenant(tenant):
@@ -132,6 +147,7 @@ class PubSubTrigger:
             notification = await self.sender.build(item, tenant, f"redis:{channel}")
             await self.sender.send(notification, target)
             self.dispatched += 1
+            self.metrics.pubsub_dispatched.inc()
             return True
         except (ValueError, ValidationError, ApiError, jsoncodec.JSONDecodeError) as exc:
             self.metrics.pubsub_invalid.inc()
