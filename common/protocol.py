@@ -79,7 +79,7 @@ class Target:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Target:
         kind = data["type"]
-        value = data.get("value")
+        value: Any = data.get("value")
         if kind == "user":
             return cls(kind, user_ids=(value,))
         if kind == "users":
@@ -108,6 +108,9 @@ class Notification:
     trace: dict[str, str] | None = None
     _frames: dict[tuple[str | None, bool], str] = field(
         default_factory=dict, repr=False, compare=False
+    )
+    _record: tuple[dict[str, str] | None, bytes] | None = field(
+        default=None, repr=False, compare=False
     )
 
     @classmethod
@@ -190,6 +193,15 @@ class Notification:
             record["trace"] = self.trace
         return record
 
+    def record_json(self) -> bytes:
+        """``to_record()`` encoded, built once and shared by the mailbox row and every
+        stream entry that carries this notification (rebuilt if ``trace`` changes)."""
+        cached = self._record
+        if cached is None or cached[0] is not self.trace:
+            cached = (self.trace, jsoncodec.dumps(self.to_record()))
+            self._record = cached
+        return cached[1]
+
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Notification:
         return cls(
@@ -263,4 +275,4 @@ def parse_client_frame(text: str) -> ClientFrame:
         return ClientFrame("Ack", notification_id=payload["notification_id"])
     if kind is None:
         raise FrameError("INVALID_MESSAGE", "frame has no type")
-    raise FrameError("INVALID_MESSAGE", f"unknown message type {str(kind)[:64]!r}")
+    raise FrameError("INVALID_MESSAGE", f"unknown message type {jsoncodec.preview(kind, 64)!r}")

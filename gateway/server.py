@@ -3,19 +3,34 @@
 uvicorn's own shutdown closes sockets before the app can speak, so the
 first SIGTERM/SIGINT is caught here: the node drains (``shutdown`` frames,
 close 1001, ``/ready`` 503), then uvicorn is told to exit.
+
+The hot path of ``/ws`` is shortened here too (docs/benchmarks.md has the
+figures): WebSockets use ``gateway.fastws.FastWebSocketProtocol`` (uvicorn's
+sans-I/O protocol with synchronous, pre-encoded writes and lighter
+per-connection state), and ``DirectWebSocketRoute`` hands ``/ws`` straight
+to its endpoint instead of through Starlette's middleware and router, whose
+coroutine frames would otherwise stay alive, per socket, for the socket's
+whole life. The route stays registered in the app, so any other ASGI server
+or the test client reaches the same endpoint the ordinary way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+from collections.abc import Awaitable
 from types import FrameType
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from common.settings import Settings
+from gateway.fastws import FastWebSocketProtocol, compatible
 from gateway.node import GatewayNode
+from gateway.ws import websocket_endpoint
 
 log = logging.getLogger("ara.server")
 
@@ -29,7 +44,7 @@ class DrainingServer(uvicorn.Server):
         self._drain_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def serve(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
 
@@ -53,15 +68,42 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+class DirectWebSocketRoute:
+    """ASGI front: ``/ws`` goes straight to its endpoint, everything else to the app.
+
+    The WebSocket endpoint needs nothing from the middleware (the edge middleware
+    and CORS only act on HTTP; the endpoint answers its own errors), so skipping it
+    saves a dozen coroutine frames per open socket. ``__call__`` returns the
+    endpoint's coroutine instead of awaiting it, which saves one more.
+    """
+
+    def __init__(self, app: Starlette, path: str = "/ws") -> None:
+        self.app = app
+        self.path = path
+
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        if scope["type"] == "websocket" and scope["path"] == self.path:
+            scope["app"] = self.app
+            return websocket_endpoint(WebSocket(scope, receive, send))
+        return self.app(scope, receive, send)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.app, name)
+
+
 def uvicorn_config(app: Starlette, settings: Settings) -> uvicorn.Config:
-    loop = "auto"
+    loop = "auto"  # uvloop when installed
+    fast = compatible()
+    if not fast:
+        log.warning("uvicorn's WebSocket protocol changed; using it without the fast path")
     return uvicorn.Config(
-        app,
+        DirectWebSocketRoute(app) if fast else app,
         host=settings.server_host,
         port=settings.server_port,
         loop=loop,
         http="auto",
-        ws="websockets-sansio",
+        ws=FastWebSocketProtocol if fast else "websockets-sansio",
+        interface="asgi3",
         ws_max_size=settings.websocket_max_frame_bytes,
         ws_per_message_deflate=settings.websocket_compression,
         ws_ping_interval=settings.websocket_ping_interval,

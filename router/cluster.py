@@ -53,6 +53,7 @@ ROUTER_TTL = 5.0
 LEASE_TTL = 5.0
 TICK = 1.0
 BATCH = 500
+MERGE_LIMIT = 500
 MAX_BACKLOG = 10_000
 DEAD_NODE_GRACE = 600.0
 
@@ -109,6 +110,7 @@ class ClusterRouter:
 
     async def stop(self) -> None:
         self.stopping = True
+        self.pubsub.stopping = True
         self.ready = False
         async with self.lock:
             for task in self._tasks:
@@ -139,7 +141,7 @@ class ClusterRouter:
 
     async def _membership_loop(self) -> None:
         await self._ensure_groups()
-        while True:
+        while not self.stopping:
             try:
                 await self._tick()
                 self.ready = True
@@ -166,6 +168,7 @@ class ClusterRouter:
                 return await pipe.execute()
 
         *_, members = await self.redis.run(op)
+        await self._measure_lag()
         live = [m.decode() for m in members]
         owners = partition_owners(live, self.partitions)
         desired = {p for p, owner in owners.items() if owner == self.router_id}
@@ -185,6 +188,22 @@ class ClusterRouter:
             self.state[p] = PartitionState()
         if won:
             log.info("took partitions %s", won)
+
+    async def _measure_lag(self) -> None:
+        held = self.leases.held()
+        self.metrics.router_partitions.set(len(held))
+        self.metrics.router_backlog.set(sum(len(s.backlog_puts) for s in self.state.values()))
+        if not held:
+            return
+
+        async def op(r: Any) -> Any:
+            async with r.pipeline(transaction=False) as pipe:
+                for p in held:
+                    pipe.xlen(self.keys.partition(p))
+                return await pipe.execute()
+
+        for p, length in zip(held, await self.redis.run(op), strict=True):
+            self.metrics.router_lag.labels(str(p)).set(length)
 
     async def _ensure_groups(self) -> None:
         while True:
@@ -207,8 +226,10 @@ class ClusterRouter:
     # -- consuming -------------------------------------------------------------------
 
     async def _consume_loop(self) -> None:
+        # ``while not stopping``: redis-py may turn a cancellation mid-read into a
+        # connection error, so cancelling alone does not reliably end this loop.
         backoff = 0.05
-        while True:
+        while not self.stopping:
             held = [p for p in self.leases.held() if p in self.state]
             if not held:
                 await asyncio.sleep(0.05)
@@ -226,8 +247,9 @@ class ClusterRouter:
                 if not streams:
                     await asyncio.sleep(0.2)
                     continue
-                response = await self.redis.blocking.xreadgroup(
-                    GROUP, self.router_id, streams, count=BATCH, block=200
+                response: Any = await self.redis.blocking.xreadgroup(
+                    GROUP, self.router_id, streams,  # type: ignore[arg-type]
+                    count=BATCH, block=200,
                 )
                 backoff = 0.05
             except asyncio.CancelledError:
@@ -247,11 +269,27 @@ class ClusterRouter:
                 await asyncio.sleep(backoff)
                 backoff = min(2.0, backoff * 2)
                 continue
+            failed = False
             async with self.lock:
+                parts = []
                 for stream, entries in response or []:
                     p = int(stream.decode().rsplit("{", 1)[1].rstrip("}"))
                     if self.leases.holds(p) and p in self.state:
-                        await self._process(p, entries)
+                        parts.append((p, entries))
+                try:
+                    await self._process_read(parts)
+                except Exception as exc:
+                    # E.g. the acknowledgement failed on a Redis hiccup. The entries stay
+                    # pending and are claimed again; this loop must not end, or the
+                    # router would keep renewing leases on partitions nobody reads.
+                    failed = True
+                    log.warning("partitions %s: processing failed (%s); will retry",
+                                sorted(p for p, _ in parts), exc)
+                    for p, _ in parts:
+                        if p in self.state:
+                            self.state[p].claim_needed = True
+            if failed:
+                await asyncio.sleep(0.1)
 
     async def _claim(self, p: int) -> None:
         key = self.keys.partition(p)
@@ -274,8 +312,100 @@ class ClusterRouter:
                     break
             self.state[p].claim_needed = False
 
-    async def _process(self, p: int, entries: list[Any]) -> None:
-        state = self.state[p]
+    async def _process_read(self, parts: list[tuple[int, list[Any]]]) -> None:
+        """Route what one read returned, its partitions merged into few batches.
+
+        One user's events all live in one partition and concatenating partitions
+        keeps each one's order, so partitions are merged (up to ``MERGE_LIMIT``
+        entries a batch) and each batch goes through one ``route_many``: one
+        mailbox write, one session lookup, one append per gateway and one
+        acknowledgement pipeline, however many partitions it holds. Batches are
+        routed concurrently, so a large backlog still overlaps its round trips.
+        Partitions that have mailbox writes waiting (Postgres was down) are routed
+        on their own, as is every partition of a batch whose mailbox write fails
+        (it comes before any delivery, so nothing has gone out yet).
+        """
+        decoded: list[tuple[int, PartitionState, list[Accepted], list[bytes]]] = []
+        for p, entries in parts:
+            state = self.state[p]
+            batch, ids = await self._decode(p, entries)
+            if batch:
+                decoded.append((p, state, batch, ids))
+        if not decoded:
+            return
+        if any(state.backlog_puts for _, state, _, _ in decoded):
+            await self._route_each(decoded)
+            return
+        groups: list[list[tuple[int, PartitionState, list[Accepted], list[bytes]]]] = []
+        size = 0
+        for part in decoded:
+            if not groups or size + len(part[2]) > MERGE_LIMIT:
+                groups.append([])
+                size = 0
+            groups[-1].append(part)
+            size += len(part[2])
+        outcomes = await asyncio.gather(*(self._route_group(g) for g in groups),
+                                        return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    async def _route_group(
+        self, decoded: list[tuple[int, PartitionState, list[Accepted], list[bytes]]]
+    ) -> None:
+        merged = [item for _, _, batch, _ in decoded for item in batch]
+        started = time.perf_counter()
+        try:
+            result = await self.router.route_many(merged, mailbox_up=True)
+        except BackendUnavailable as exc:
+            if exc.backend != "postgres":
+                self._retry_later(decoded, exc)
+                await asyncio.sleep(0.1)
+                return
+            await self._route_each(decoded)
+            return
+        except Exception as exc:
+            self._retry_later(decoded, exc)
+            await asyncio.sleep(0.1)
+            return
+        self.metrics.router_batch_seconds.observe(time.perf_counter() - started)
+        done: list[tuple[int, list[bytes]]] = []
+        start = 0
+        for p, state, batch, ids in decoded:
+            reports = result.reports[start:start + len(batch)]
+            start += len(batch)
+            if any(r.failed for r in reports):
+                state.claim_needed = True
+                continue
+            self.routed += len(batch)
+            self.metrics.routed.inc(len(batch))
+            done.append((p, ids))
+        await self._ack_many(done)
+
+    def _retry_later(
+        self, decoded: list[tuple[int, PartitionState, list[Accepted], list[bytes]]],
+        exc: Exception,
+    ) -> None:
+        # Redis trouble mid-batch: leave the entries pending and claim them again.
+        log.warning("partitions %s: routing failed (%s); will retry",
+                    [p for p, _, _, _ in decoded], exc)
+        for _, state, _, _ in decoded:
+            state.claim_needed = True
+
+    async def _route_each(
+        self, decoded: list[tuple[int, PartitionState, list[Accepted], list[bytes]]]
+    ) -> None:
+        """Route partitions separately (concurrently; each keeps its own order)."""
+        outcomes = await asyncio.gather(
+            *(self._route(p, state, batch, ids) for p, state, batch, ids in decoded),
+            return_exceptions=True,
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    async def _decode(self, p: int, entries: list[Any]) -> tuple[list[Accepted], list[bytes]]:
+        """Decoded entries and their ids; undecodable entries are acknowledged and dropped."""
         batch: list[Accepted] = []
         ids: list[bytes] = []
         dropped: list[bytes] = []
@@ -291,9 +421,19 @@ class ClusterRouter:
                 dropped.append(entry_id)
         if dropped:
             await self._ack(p, dropped)
-        if not batch:
-            return
+        return batch, ids
+
+    async def _process(self, p: int, entries: list[Any]) -> None:
+        state = self.state[p]
+        batch, ids = await self._decode(p, entries)
+        if batch:
+            await self._route(p, state, batch, ids)
+
+    async def _route(
+        self, p: int, state: PartitionState, batch: list[Accepted], ids: list[bytes]
+    ) -> None:
         mailbox_up = not state.backlog_puts
+        started = time.perf_counter()
         try:
             try:
                 result = await self.router.route_many(batch, mailbox_up=mailbox_up)
@@ -309,10 +449,12 @@ class ClusterRouter:
             state.claim_needed = True
             await asyncio.sleep(0.1)
             return
+        self.metrics.router_batch_seconds.observe(time.perf_counter() - started)
         if any(r.failed for r in result.reports):
             state.claim_needed = True
             return
         self.routed += len(batch)
+        self.metrics.routed.inc(len(batch))
         if result.unwritten or state.backlog_puts:
             state.backlog_ids.extend(ids)
             state.backlog_puts.extend(result.unwritten)
@@ -338,12 +480,20 @@ class ClusterRouter:
                 state.backlog_puts.clear()
 
     async def _ack(self, p: int, ids: list[bytes]) -> None:
-        key = self.keys.partition(p)
+        await self._ack_many([(p, ids)])
+
+    async def _ack_many(self, done: list[tuple[int, list[bytes]]]) -> None:
+        """``XACK`` and ``XDEL`` routed entries of several partitions, one round trip."""
+        done = [(p, ids) for p, ids in done if ids]
+        if not done:
+            return
 
         async def op(r: Any) -> Any:
             async with r.pipeline(transaction=False) as pipe:
-                pipe.xack(key, GROUP, *ids)
-                pipe.xdel(key, *ids)
+                for p, ids in done:
+                    key = self.keys.partition(p)
+                    pipe.xack(key, GROUP, *ids)
+                    pipe.xdel(key, *ids)
                 return await pipe.execute()
 
         await self.redis.run(op)
@@ -351,7 +501,7 @@ class ClusterRouter:
     # -- housekeeping ----------------------------------------------------------------
 
     async def _janitor_loop(self) -> None:
-        while True:
+        while not self.stopping:
             await asyncio.sleep(30)
             try:
                 await self._sweep()
@@ -359,24 +509,37 @@ class ClusterRouter:
                 log.warning("janitor sweep failed: %s", exc)
 
     async def _sweep(self) -> None:
+        """Forget gateways and routers dead for longer than ``DEAD_NODE_GRACE``."""
         cutoff = time.time() - DEAD_NODE_GRACE
 
-        async def op(r: Any) -> Any:
-            dead = await r.zrangebyscore(self.keys.nodes, "-inf", cutoff)
-            if dead:
-                async with r.pipeline(transaction=False) as pipe:
-                    for node in dead:
-                        name = node.decode()
-                        pipe.delete(self.keys.node_stream(name), self.keys.node_mark(name))
-                        pipe.hdel(self.keys.node_info, name)
-                    pipe.zremrangebyscore(self.keys.nodes, "-inf", cutoff)
-                    pipe.zremrangebyscore(self.keys.routers, "-inf", cutoff)
-                    await pipe.execute()
-            return dead
+        async def op(r: Any) -> tuple[list[str], list[str]]:
+            async with r.pipeline(transaction=False) as pipe:
+                pipe.zrangebyscore(self.keys.nodes, "-inf", cutoff)
+                pipe.zrangebyscore(self.keys.routers, "-inf", cutoff)
+                pipe.smembers(self.keys.tenants)
+                gateways, routers, tenants = await pipe.execute()
+            dead_gateways = [n.decode() for n in gateways]
+            dead_routers = [n.decode() for n in routers]
+            if not dead_gateways and not dead_routers:
+                return [], []
+            async with r.pipeline(transaction=False) as pipe:
+                for name in dead_gateways:
+                    pipe.delete(self.keys.node_stream(name), self.keys.node_mark(name))
+                    pipe.hdel(self.keys.node_info, name)
+                    for tenant in tenants:
+                        pipe.hdel(self.keys.tenant_conns(tenant.decode()),
+                                  *(f"{name}|{kind}" for kind in ("websocket", "sse", "users")))
+                for name in dead_routers:
+                    pipe.hdel(self.keys.router_info, name)
+                pipe.zremrangebyscore(self.keys.nodes, "-inf", cutoff)
+                pipe.zremrangebyscore(self.keys.routers, "-inf", cutoff)
+                await pipe.execute()
+            return dead_gateways, dead_routers
 
-        dead = await self.redis.run(op)
-        if dead:
-            log.info("removed %d dead gateways", len(dead))
+        dead_gateways, dead_routers = await self.redis.run(op)
+        if dead_gateways or dead_routers:
+            log.info("forgot %d dead gateways and %d dead routers",
+                     len(dead_gateways), len(dead_routers))
         if self.leases.holds(0):
             removed = await self.mailbox.purge_expired(time.time())
             if removed:

@@ -8,10 +8,12 @@ round trip.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 
@@ -80,7 +82,9 @@ async def migrate(dsn: str) -> int:
                 "CREATE TABLE IF NOT EXISTS ara_schema_version (version INTEGER NOT NULL,"
                 " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
             )
-            current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM ara_schema_version")
+            current = await conn.fetchval(
+                "SELECT coalesce(max(version), 0) FROM ara_schema_version"
+            )
             for version, sql in enumerate(MIGRATIONS, start=1):
                 if version <= current:
                     continue
@@ -108,6 +112,17 @@ PG_DOWN = (
 )
 
 
+async def _no_session_reset(conn: asyncpg.Connection) -> None:
+    """Pool ``reset`` hook: nothing to undo.
+
+    asyncpg's default runs ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *;
+    RESET ALL`` on every release, one extra round trip per query through the pool.
+    The stores never leave session state behind (no ``SET``, ``LISTEN``, cursors or
+    advisory locks; ``migrate`` uses its own connection), and asyncpg still rolls
+    back any open transaction before calling this.
+    """
+
+
 class PostgresHandle:
     """The asyncpg pool shared by the Postgres stores."""
 
@@ -120,7 +135,7 @@ class PostgresHandle:
     async def open(self) -> None:
         self._pool = await asyncpg.create_pool(
             self.dsn, min_size=self.min_size, max_size=self.max_size, timeout=5,
-            command_timeout=10,
+            command_timeout=10, reset=_no_session_reset,
         )
 
     async def close(self) -> None:
@@ -165,24 +180,119 @@ def _count(status: str) -> int:
         return 0
 
 
+T = TypeVar("T")
+
+
+class Coalescer(Generic[T]):
+    """Group commit: items submitted while writes are running go out together next.
+
+    ``submit`` returns once the write that carried its items has finished (or
+    raises what it raised). At most ``parallel`` writes are in flight, so under
+    load the batches grow instead of the round trips multiplying. Items of one
+    ``submit`` stay together and in order; a caller that needs its writes ordered
+    waits for one before submitting the next (the router does, per partition).
+    Writes run in their own tasks, so a cancelled caller does not strand others.
+    """
+
+    def __init__(
+        self, write: Callable[[list[T]], Awaitable[None]], max_items: int, parallel: int = 2
+    ) -> None:
+        self._write = write
+        self._max_items = max_items
+        self._parallel = parallel
+        self._queue: list[tuple[Sequence[T], asyncio.Future[None]]] = []
+        self._running = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, items: Sequence[T]) -> None:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._queue.append((items, done))
+        if self._running < self._parallel:
+            self._running += 1
+            task = loop.create_task(self._run())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        await done
+
+    def _take(self) -> list[tuple[Sequence[T], asyncio.Future[None]]]:
+        taken: list[tuple[Sequence[T], asyncio.Future[None]]] = []
+        size = 0
+        while self._queue and (not taken or size + len(self._queue[0][0]) <= self._max_items):
+            entry = self._queue.pop(0)
+            taken.append(entry)
+            size += len(entry[0])
+        return taken
+
+    async def _run(self) -> None:
+        try:
+            while self._queue:
+                taken = self._take()
+                try:
+                    await self._write([item for chunk, _ in taken for item in chunk])
+                except BaseException as exc:  # hand every caller the failure
+                    for _, done in taken:
+                        if not done.done():
+                            done.set_exception(exc)
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise
+                else:
+                    for _, done in taken:
+                        if not done.done():
+                            done.set_result(None)
+        finally:
+            self._running -= 1
+            if self._running == 0:
+                for _, done in self._queue:  # only left behind if we were cancelled
+                    if not done.done():
+                        done.set_exception(
+                            BackendUnavailable("postgres", "mailbox writer stopped"))
+                self._queue.clear()
+
+
 class PostgresMailbox:
-    """``Mailbox`` on Postgres, written in batches by the routers."""
+    """``Mailbox`` on Postgres, written in batches by the routers.
+
+    ``put`` and ``mark_delivered`` go through a ``Coalescer``: a router routes its
+    partitions concurrently, and their writes share one statement per round trip.
+    """
+
+    MAX_BATCH = 5000
 
     def __init__(self, pg: PostgresHandle, max_per_user: int) -> None:
         self.pg = pg
         self.max_per_user = max_per_user
         self.dropped = 0
+        self._puts: Coalescer[MailboxPut] = Coalescer(self._put, self.MAX_BATCH)
+        self._marks: Coalescer[tuple[str, str, str]] = Coalescer(
+            self._mark_delivered, self.MAX_BATCH
+        )
 
     async def put(self, items: Sequence[MailboxPut]) -> None:
-        if not items:
-            return
-        tenants = [i.notification.tenant_id for i in items]
-        users = [i.user_id for i in items]
-        ids = [i.notification.id for i in items]
-        records = [jsoncodec.dumps(i.notification.to_record()) for i in items]
-        expiry = [i.notification.expires_at for i in items]
-        delivered = [i.delivered for i in items]
-        rows = await self.pg.fetch(
+        if items:
+            await self._puts.submit(items)
+
+    async def _put(self, items: list[MailboxPut]) -> None:
+        """Insert in order and keep each user's newest ``max_per_user``, in one statement.
+
+        The statement's snapshot does not see its own inserts, so the trim keeps the
+        user's newest ``max_per_user`` minus the number just added of the existing
+        rows: it finds the first row to drop through the ``(tenant_id, user_id, seq)``
+        index and deletes it and everything older. A user with more than
+        ``max_per_user`` items in the batch only gets the newest ones inserted.
+        """
+        per_user = Counter((i.notification.tenant_id, i.user_id) for i in items)
+        if any(n > self.max_per_user for n in per_user.values()):
+            keep: Counter[tuple[str, str]] = Counter()
+            newest_first = []
+            for item in reversed(items):
+                key = (item.notification.tenant_id, item.user_id)
+                if keep[key] < self.max_per_user:
+                    keep[key] += 1
+                    newest_first.append(item)
+            self.dropped += len(items) - len(newest_first)
+            items = newest_first[::-1]
+        status = await self.pg.execute(
             """
             WITH incoming AS (
                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[],
@@ -195,27 +305,27 @@ class PostgresMailbox:
                 SELECT tenant_id, user_id, notification_id, record, expires_at, delivered
                 FROM incoming ORDER BY ord
                 ON CONFLICT DO NOTHING
-                RETURNING 1
+                RETURNING tenant_id, user_id
+            ), added AS (
+                SELECT tenant_id, user_id, count(*) AS n FROM inserted GROUP BY 1, 2
+            ), cut AS MATERIALIZED (
+                SELECT a.tenant_id, a.user_id, c.seq FROM added a
+                CROSS JOIN LATERAL (
+                    SELECT b.seq FROM ara_mailbox b
+                    WHERE b.tenant_id = a.tenant_id AND b.user_id = a.user_id
+                    ORDER BY b.seq DESC OFFSET GREATEST($7 - a.n, 0) LIMIT 1
+                ) c
             )
-            SELECT count(*) FROM inserted
+            DELETE FROM ara_mailbox m USING cut
+            WHERE m.tenant_id = cut.tenant_id AND m.user_id = cut.user_id AND m.seq <= cut.seq
             """,
-            tenants, users, ids, records, expiry, delivered,
-        )
-        del rows
-        pairs = sorted({(t, u) for t, u in zip(tenants, users, strict=True)})
-        status = await self.pg.execute(
-            """
-            DELETE FROM ara_mailbox m USING (
-                SELECT seq FROM (
-                    SELECT b.seq, row_number() OVER (
-                        PARTITION BY b.tenant_id, b.user_id ORDER BY b.seq DESC) AS rn
-                    FROM ara_mailbox b
-                    JOIN unnest($1::text[], $2::text[]) AS k(tenant_id, user_id)
-                      ON b.tenant_id = k.tenant_id AND b.user_id = k.user_id
-                ) ranked WHERE rn > $3
-            ) old WHERE m.seq = old.seq
-            """,
-            [p[0] for p in pairs], [p[1] for p in pairs], self.max_per_user,
+            [i.notification.tenant_id for i in items],
+            [i.user_id for i in items],
+            [i.notification.id for i in items],
+            [i.notification.record_json() for i in items],
+            [i.notification.expires_at for i in items],
+            [i.delivered for i in items],
+            self.max_per_user,
         )
         self.dropped += _count(status)
 
@@ -231,14 +341,17 @@ class PostgresMailbox:
         ]
 
     async def mark_delivered(self, tenant_id: str, pairs: Sequence[tuple[str, str]]) -> None:
-        if not pairs:
-            return
+        if pairs:
+            await self._marks.submit([(tenant_id, user, nid) for user, nid in pairs])
+
+    async def _mark_delivered(self, rows: list[tuple[str, str, str]]) -> None:
         await self.pg.execute(
             "UPDATE ara_mailbox m SET delivered = TRUE"
-            " FROM unnest($2::text[], $3::text[]) AS k(user_id, notification_id)"
-            " WHERE m.tenant_id = $1 AND m.user_id = k.user_id"
+            " FROM unnest($1::text[], $2::text[], $3::text[])"
+            " AS k(tenant_id, user_id, notification_id)"
+            " WHERE m.tenant_id = k.tenant_id AND m.user_id = k.user_id"
             " AND m.notification_id = k.notification_id AND NOT m.delivered",
-            tenant_id, [p[0] for p in pairs], [p[1] for p in pairs],
+            [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
         )
 
     async def remove(self, tenant_id: str, user_id: str, ids: Sequence[str]) -> None:
@@ -271,27 +384,56 @@ class PostgresMailbox:
         return int(row["n"]) if row else 0
 
 
+ReceiptRow = tuple[Notification, Target, int]
+
+
 class PostgresReceipts:
-    """``ReceiptStore`` on Postgres."""
+    """``ReceiptStore`` on Postgres.
+
+    Receipts are written on every send's request path; concurrent sends share one
+    multi-row statement through a ``Coalescer`` (each send still waits for its own).
+    """
+
+    MAX_BATCH = 1000
 
     def __init__(self, pg: PostgresHandle) -> None:
         self.pg = pg
+        self._records: Coalescer[ReceiptRow] = Coalescer(self._record, self.MAX_BATCH)
 
     async def record(self, notification: Notification, target: Target, delivered_to: int) -> None:
+        await self._records.submit([(notification, target, delivered_to)])
+
+    async def _record(self, rows: list[ReceiptRow]) -> None:
+        latest: dict[str, ReceiptRow] = {}
+        for row in rows:  # one statement may not update the same receipt twice
+            latest[row[0].id] = row
+        receipts = list(latest.values())
+        pairs = list(dict.fromkeys(
+            (n.id, user) for n, target, _ in rows for user in target.user_ids
+        ))
         await self.pg.execute(
             """
             WITH r AS (
                 INSERT INTO ara_receipts (notification_id, tenant_id, target, event_type,
                                           created_at, expires_at, delivered_to)
-                VALUES ($1, $2, $3::jsonb, $4, $5, $6, $7)
+                SELECT id, tenant, target::jsonb, event_type, created_at, expires_at, delivered
+                FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::float8[],
+                            $6::float8[], $7::int[])
+                    AS t(id, tenant, target, event_type, created_at, expires_at, delivered)
                 ON CONFLICT (notification_id) DO UPDATE SET delivered_to = EXCLUDED.delivered_to
             )
             INSERT INTO ara_receipt_users (notification_id, user_id)
-            SELECT $1, u FROM unnest($8::text[]) AS u ON CONFLICT DO NOTHING
+            SELECT * FROM unnest($8::text[], $9::text[]) ON CONFLICT DO NOTHING
             """,
-            notification.id, notification.tenant_id, jsoncodec.dumps_str(target.to_dict()),
-            notification.event_type, notification.created_at, notification.expires_at,
-            delivered_to, list(dict.fromkeys(target.user_ids)),
+            [n.id for n, _, _ in receipts],
+            [n.tenant_id for n, _, _ in receipts],
+            [jsoncodec.dumps_str(t.to_dict()) for _, t, _ in receipts],
+            [n.event_type for n, _, _ in receipts],
+            [n.created_at for n, _, _ in receipts],
+            [n.expires_at for n, _, _ in receipts],
+            [d for _, _, d in receipts],
+            [p[0] for p in pairs],
+            [p[1] for p in pairs],
         )
 
     async def ack(

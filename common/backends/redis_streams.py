@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
+
 from common import jsoncodec
 from common.backends.base import Delivery
 from common.backends.redis_client import RedisHandle
@@ -22,7 +24,8 @@ NODE_STREAM_MAXLEN = 100_000
 
 
 def encode_accepted(notification: Notification, target: Target) -> bytes:
-    return jsoncodec.dumps({"n": notification.to_record(), "t": target.to_dict()})
+    record = orjson.Fragment(notification.record_json())
+    return jsoncodec.dumps({"n": record, "t": target.to_dict()})
 
 
 def decode_accepted(raw: bytes) -> tuple[Notification, Target]:
@@ -31,7 +34,8 @@ def decode_accepted(raw: bytes) -> tuple[Notification, Target]:
 
 
 def encode_delivery(delivery: Delivery) -> bytes:
-    body: dict[str, Any] = {"k": delivery.kind, "n": delivery.notification.to_record()}
+    record = orjson.Fragment(delivery.notification.record_json())
+    body: dict[str, Any] = {"k": delivery.kind, "n": record}
     if delivery.user_ids:
         body["u"] = list(delivery.user_ids)
     if delivery.channels:
@@ -67,6 +71,17 @@ class PartitionProducer:
         await self.redis.run(op)
 
 
+# Appends ARGV[2..] to the stream KEYS[1] in order, each as an entry {d: payload},
+# trimming to about ARGV[1] entries: one command per gateway per batch instead of one
+# per delivery (a single key, so it is Redis Cluster safe).
+XADD_MANY = """
+for i = 2, #ARGV do
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'd', ARGV[i])
+end
+return #ARGV - 1
+"""
+
+
 class RedisNodeDelivery:
     """``NodeDelivery`` that appends to the holding gateway's stream."""
 
@@ -77,23 +92,27 @@ class RedisNodeDelivery:
         await self.deliver_many([(node_id, delivery)])
 
     async def deliver_many(self, items: Sequence[tuple[str, Delivery]]) -> None:
+        """Append each delivery to its gateway's stream, in order; one round trip."""
         if not items:
             return
         keys = self.redis.keys
         encoded: dict[int, bytes] = {}
+        by_node: dict[str, list[bytes]] = {}
+        for node_id, delivery in items:
+            payload = encoded.get(id(delivery))
+            if payload is None:
+                payload = encoded[id(delivery)] = encode_delivery(delivery)
+            by_node.setdefault(node_id, []).append(payload)
 
         async def op(r: Any) -> None:
             async with r.pipeline(transaction=False) as pipe:
-                for node_id, delivery in items:
-                    payload = encoded.get(id(delivery))
-                    if payload is None:
-                        payload = encoded[id(delivery)] = encode_delivery(delivery)
-                    pipe.xadd(
-                        keys.node_stream(node_id),
-                        {b"d": payload},
-                        maxlen=NODE_STREAM_MAXLEN,
-                        approximate=True,
-                    )
+                for node_id, payloads in by_node.items():
+                    if len(payloads) == 1:
+                        pipe.xadd(keys.node_stream(node_id), {b"d": payloads[0]},
+                                  maxlen=NODE_STREAM_MAXLEN, approximate=True)
+                    else:
+                        pipe.eval(XADD_MANY, 1, keys.node_stream(node_id),
+                                  NODE_STREAM_MAXLEN, *payloads)
                 await pipe.execute()
 
         await self.redis.run(op)

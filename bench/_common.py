@@ -1,0 +1,445 @@
+"""Shared plumbing of the benchmarks: processes, pinning, CPU/RSS probes, results.
+
+Every benchmark pins the servers it measures to core 0 (``taskset``) and
+itself (the client side) to core 1, reads server CPU time from
+``/proc/<pid>/stat`` through psutil over the measurement window, stops
+every process it started by PID, and writes one JSON file to
+``bench/results/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+RESULTS = BENCH / "results"
+SERVER_CORE = 0
+CLIENT_CORE = 1
+API_KEY = "bench-api-key-0123456789abcdef"
+JWT_SECRET = "bench-jwt-secret-0123456789-abcdefghijkl"
+PG_ADMIN = os.environ.get("ARA_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def pin_self(core: int = CLIENT_CORE) -> None:
+    """Pin the calling (client-side) process to one core."""
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > core:
+        os.sched_setaffinity(0, {core})
+
+
+def raise_nofile(wanted: int = 65536) -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(
+    port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before opening {port}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"port {port} did not open")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process (not its children)."""
+    t = psutil.Process(pid).cpu_times()
+    return float(t.user + t.system)
+
+
+def rss_bytes(pid: int) -> int:
+    return int(psutil.Process(pid).memory_info().rss)
+
+
+def self_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+@dataclass
+class Server:
+    """One process started (pinned) by a benchmark; stopped by its PID."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def rss(self) -> int:
+        return rss_bytes(self.pid)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+
+    def tail(self, n: int = 3000) -> str:
+        with contextlib.suppress(OSError):
+            return self.log.read_text(errors="replace")[-n:]
+        return ""
+
+
+@dataclass
+class Processes:
+    """Everything a run started; ``stop_all`` ends them by PID, newest first."""
+
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ara-bench-")))
+    servers: list[Server] = field(default_factory=list)
+
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+        core: int | None = SERVER_CORE,
+        wait: bool = True,
+    ) -> Server:
+        log = self.workdir / f"{name}.log"
+        cmd = list(argv)
+        if core is not None and shutil.which("taskset") and (os.cpu_count() or 1) > core:
+            cmd = ["taskset", "-c", str(core), *cmd]
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        # ARA_BENCH_EXTRA_PATH: extra import paths for the servers only (e.g. a
+        # ``pip install --target`` of an optional package being evaluated).
+        extra_path = os.environ.get("ARA_BENCH_EXTRA_PATH")
+        full_env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (extra_path, str(ROOT), os.environ.get("PYTHONPATH")) if p)
+        handle = log.open("wb")
+        popen = subprocess.Popen(
+            cmd, env=full_env, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT,
+            preexec_fn=_raise_child_nofile,
+        )
+        server = Server(name, popen, port or 0, log)
+        self.servers.append(server)
+        if wait and port:
+            try:
+                wait_port(port, 30, popen)
+            except Exception:
+                print(server.tail(), file=sys.stderr)
+                raise
+        return server
+
+    def stop_all(self) -> None:
+        for server in reversed(self.servers):
+            with contextlib.suppress(Exception):
+                server.stop()
+        self.servers.clear()
+
+    def cleanup(self) -> None:
+        self.stop_all()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _raise_child_nofile() -> None:
+    with contextlib.suppress(Exception):
+        raise_nofile()
+
+
+@contextlib.contextmanager
+def processes() -> Iterator[Processes]:
+    procs = Processes()
+    try:
+        yield procs
+    finally:
+        procs.cleanup()
+
+
+# -- servers under test ---------------------------------------------------------------
+
+
+def gateway_env(port: int, **extra: str) -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items()
+        if not k.startswith(("SERVER_", "REDIS_", "DATABASE_", "NODE_", "QUEUE_", "RATELIMIT_",
+                             "WEBSOCKET_"))
+    }
+    env.update(
+        SERVER_HOST="127.0.0.1",
+        SERVER_PORT=str(port),
+        API_KEY=API_KEY,
+        JWT_SECRET=JWT_SECRET,
+        RATELIMIT_ENABLED="false",
+        WEBSOCKET_MAX_CONNECTIONS="50000",
+        WEBSOCKET_MAX_CONNECTIONS_PER_USER="5",
+        LOG_LEVEL="WARNING",
+        DRAIN_TIMEOUT_SECONDS="1",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+def start_bare(procs: Processes, name: str = "bare") -> Server:
+    port = free_port()
+    return procs.start(
+        name, [sys.executable, str(BENCH / "bare_server.py"), "--port", str(port)], port=port
+    )
+
+
+def start_embedded(procs: Processes, name: str = "gateway", **extra: str) -> Server:
+    port = free_port()
+    env = gateway_env(port, SQLITE_PATH=str(procs.workdir / f"{name}.sqlite3"), **extra)
+    return procs.start(name, [sys.executable, "-m", "common.cli", "serve"], env=env, port=port)
+
+
+def token(sub: str, tenant: str | None = None, ttl: int = 24 * 3600) -> str:
+    sys.path.insert(0, str(ROOT))
+    from common.auth import mint_token
+    from common.settings import load_settings
+
+    global _settings
+    if _settings is None:
+        _settings = load_settings(jwt_secret=JWT_SECRET)
+    return str(mint_token(_settings, sub, tenant=tenant, ttl=ttl))
+
+
+_settings: Any = None
+
+
+# -- results --------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "server_core": SERVER_CORE,
+        "client_core": CLIENT_CORE,
+    }
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    versions = {}
+    for mod in ("websockets", "uvicorn", "starlette", "uvloop", "orjson", "redis", "asyncpg"):
+        with contextlib.suppress(Exception):
+            versions[mod] = __import__(mod).__version__
+    info["packages"] = versions
+    if os.environ.get("ARA_BENCH_EXTRA_PATH"):
+        info["servers_extra_path"] = os.environ["ARA_BENCH_EXTRA_PATH"]
+    with contextlib.suppress(Exception):
+        info["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+            timeout=5,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+            capture_output=True, text=True, timeout=5,
+        ).stdout.strip()
+        info["git_dirty"] = bool(dirty)
+    return info
+
+
+def write_result(name: str, data: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    body = {
+        "benchmark": name,
+        "command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine(),
+        **data,
+    }
+    path.write_text(json.dumps(body, indent=2, sort_keys=False) + "\n")
+    print(f"wrote {path.relative_to(ROOT)}")
+    return path
+
+
+def ratio(value: float, base: float) -> float | None:
+    return round(value / base, 3) if base else None
+
+
+def new_name(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:8]}"
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo = int(k)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+# -- profiling ------------------------------------------------------------------------
+
+
+def start_profiler(server: Server, label: str) -> subprocess.Popen[bytes] | None:
+    """py-spy the server (collapsed stacks, for ``bench/profile_report.py``), if installed."""
+    spy = shutil.which("py-spy")
+    if spy is None:
+        print("py-spy not installed; no profile", file=sys.stderr)
+        return None
+    out = RESULTS / "profiles"
+    out.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        [spy, "record", "--pid", str(server.pid), "--rate", "250", "--format", "raw",
+         "--nonblocking", "-o", str(out / f"{label}.txt")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+def stop_profiler(spy: subprocess.Popen[bytes]) -> None:
+    spy.send_signal(signal.SIGINT)
+    try:
+        spy.wait(20)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        spy.wait(5)
+
+
+# -- cluster pieces -------------------------------------------------------------------
+
+
+def start_redis(procs: Processes, core: int | None = CLIENT_CORE) -> Server:
+    port = free_port()
+    rdir = procs.workdir / f"redis-{port}"
+    rdir.mkdir()
+    return procs.start(
+        f"redis-{port}",
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(rdir)],
+        port=port, core=core,
+    )
+
+
+async def create_database(synchronous_commit: bool = True) -> str:
+    """A fresh, migrated database. ``synchronous_commit=False`` sets that for this
+    database only: commits return before their WAL is flushed (a Postgres crash may
+    lose the last few hundred ms of commits; a killed gateway or router loses nothing)."""
+    import asyncpg
+
+    name = f"ara_bench_{uuid.uuid4().hex[:10]}"
+    conn = await asyncpg.connect(PG_ADMIN)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+        if not synchronous_commit:
+            await conn.execute(f'ALTER DATABASE "{name}" SET synchronous_commit = off')
+    finally:
+        await conn.close()
+    dsn = f"{PG_ADMIN.rsplit('/', 1)[0]}/{name}"
+    sys.path.insert(0, str(ROOT))
+    from common.backends.postgres import migrate
+
+    await migrate(dsn)
+    return dsn
+
+
+async def drop_database(dsn: str) -> None:
+    import asyncpg
+
+    name = dsn.rsplit("/", 1)[1]
+    conn = await asyncpg.connect(PG_ADMIN)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+def cluster_env(port: int, node_id: str, redis_url: str, dsn: str, prefix: str,
+                **extra: str) -> dict[str, str]:
+    return gateway_env(
+        port, REDIS_URL=redis_url, DATABASE_URL=dsn, REDIS_KEY_PREFIX=prefix, NODE_ID=node_id,
+        **extra,
+    )
+
+
+def start_cluster_process(procs: Processes, kind: str, node_id: str, redis_url: str, dsn: str,
+                          prefix: str, core: int | None = SERVER_CORE, **extra: str) -> Server:
+    port = free_port()
+    env = cluster_env(port, node_id, redis_url, dsn, prefix, **extra)
+    return procs.start(node_id, [sys.executable, "-m", "common.cli", kind], env=env, port=port,
+                       core=core)
+
+
+def wait_http_ok(port: int, path: str, timeout: float = 30.0) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception), urllib.request.urlopen(
+            f"http://127.0.0.1:{port}{path}", timeout=1
+        ) as resp:
+            if resp.status == 200:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"{path} on {port} not OK in {timeout}s")
+
+
+def get_json(port: int, path: str, headers: dict[str, str] | None = None) -> Any:
+    import urllib.request
+
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers or {})
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+async def commit_latency(dsn: str, count: int = 200) -> dict[str, float]:
+    """p50/p99 of a one-row INSERT commit on ``dsn`` (what one fsync costs here)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("CREATE TABLE IF NOT EXISTS bench_commit_probe (x int)")
+        lat = []
+        for _ in range(count):
+            t = time.perf_counter()
+            await conn.execute("INSERT INTO bench_commit_probe VALUES (1)")
+            lat.append((time.perf_counter() - t) * 1000)
+        await conn.execute("DROP TABLE bench_commit_probe")
+    finally:
+        await conn.close()
+    return {"p50_ms": round(percentile(lat, 0.5), 3), "p99_ms": round(percentile(lat, 0.99), 3)}

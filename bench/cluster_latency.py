@@ -1,0 +1,300 @@
+"""Cluster latency: REST send -> client receipt, p50/p99 at a fixed rate, 2 gateways + 1 router.
+
+    python bench/cluster_latency.py --rates 1000 --seconds 10
+
+Server side (core 0): a private redis-server, two gateways and one router
+(``python -m common.cli gateway|router``) on a fresh Postgres database
+(at-least-once, so every notification is also written to the mailbox).
+Client side (this process, core 1): ``--users`` WebSocket clients split over
+the two gateways, and an open-loop sender that POSTs
+``/api/v1/notifications/send`` to alternating gateways (so half the traffic
+crosses gateways) on a fixed schedule. The latency of a notification is
+from its scheduled send time (stamped in its payload) to the moment its
+frame is parsed at the client, so a slow server cannot hide behind a
+waiting sender.
+
+Baseline, same run: the bare ``websockets`` server (one process, no Redis,
+no Postgres) delivering the same user-targeted events at the same rate,
+triggered over its control socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import orjson
+import uvloop
+
+from bench._clients import (
+    HttpClient,
+    Tally,
+    WsClient,
+    http_connect,
+    http_request,
+    open_many,
+)
+from bench._common import (
+    API_KEY,
+    SERVER_CORE,
+    commit_latency,
+    create_database,
+    drop_database,
+    get_json,
+    new_name,
+    percentile,
+    pin_self,
+    processes,
+    raise_nofile,
+    ratio,
+    start_bare,
+    start_cluster_process,
+    start_redis,
+    token,
+    wait_http_ok,
+    write_result,
+)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.recording = False
+
+    def on_text(self, _: WsClient, data: bytes) -> None:
+        now = time.perf_counter()
+        sent = orjson.loads(data)["payload"]["t"]
+        if self.recording:
+            self.latencies.append(now - sent)
+
+
+async def connect_users(ports: list[int], users: int, tally: Tally, rec: Recorder,
+                        gateway: bool) -> list[WsClient]:
+    def factory(i: int) -> WsClient:
+        port = ports[i % len(ports)]
+        path = f"/ws?token={token(f'user-{i}')}" if gateway else f"/ws?user=user-{i}"
+        return WsClient(path, f"127.0.0.1:{port}", tally, on_text=rec.on_text)
+
+    clients: list[WsClient] = []
+    for port_index, port in enumerate(ports):
+        idx = [i for i in range(users) if i % len(ports) == port_index]
+
+        async def handshake(proto: WsClient) -> None:
+            hello = orjson.loads(await proto.next_text(30))
+            assert hello["type"] == "connected", hello
+            proto.keep_texts = False
+
+        clients += await open_many(lambda j, idx=idx: factory(idx[j]), len(idx), port,
+                                   handshake=handshake)
+    return clients
+
+
+async def drive(send: Any, rate: int, seconds: float, users: int) -> tuple[int, float]:
+    """Open loop: event k is due at start + k/rate; returns (sent, lag of the sender)."""
+    total = int(rate * seconds)
+    start = time.perf_counter() + 0.05
+    worst = 0.0
+    tasks: set[asyncio.Task[None]] = set()
+    for k in range(total):
+        due = start + k / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        worst = max(worst, time.perf_counter() - due)
+        task = asyncio.ensure_future(send(f"user-{k % users}", due))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if tasks:
+        await asyncio.gather(*tasks)
+    return total, worst
+
+
+class RestSender:
+    """Keep-alive HTTP connections to the gateways; gateways are used in turn."""
+
+    def __init__(self, conns: list[list[HttpClient]]) -> None:
+        self.free: list[asyncio.Queue[HttpClient]] = []
+        for group in conns:
+            queue: asyncio.Queue[HttpClient] = asyncio.Queue()
+            for conn in group:
+                queue.put_nowait(conn)
+            self.free.append(queue)
+        self.turn = 0
+        self.rest_latencies: list[float] = []
+        self.errors = 0
+
+    async def __call__(self, user: str, due: float) -> None:
+        queue = self.free[self.turn % len(self.free)]
+        self.turn += 1
+        conn = await queue.get()
+        body = orjson.dumps({"target_user_id": user, "event_type": "bench.latency",
+                             "payload": {"t": due}})
+        raw = http_request("POST", "/api/v1/notifications/send", body,
+                           {"X-API-Key": API_KEY, "Content-Type": "application/json"})
+        try:
+            status, _ = await conn.request(raw)
+            if status != 200:
+                self.errors += 1
+            self.rest_latencies.append(time.perf_counter() - due)
+        finally:
+            queue.put_nowait(conn)
+
+
+def summarise(latencies: list[float], expected: int) -> dict[str, Any]:
+    ms = [x * 1000 for x in latencies]
+    return {
+        "received": len(ms),
+        "expected": expected,
+        "p50_ms": round(percentile(ms, 0.50), 3),
+        "p90_ms": round(percentile(ms, 0.90), 3),
+        "p99_ms": round(percentile(ms, 0.99), 3),
+        "p999_ms": round(percentile(ms, 0.999), 3),
+        "max_ms": round(max(ms), 3) if ms else None,
+    }
+
+
+async def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
+    with processes() as procs:
+        redis = start_redis(procs, core=SERVER_CORE)
+        redis_url = f"redis://127.0.0.1:{redis.port}/0"
+        dsn = await create_database(synchronous_commit=args.pg_sync_commit == "on")
+        prefix = new_name("cl")
+        try:
+            gws = [start_cluster_process(procs, "gateway", f"gw-{i}", redis_url, dsn, prefix)
+                   for i in range(2)]
+            router = start_cluster_process(procs, "router", "router-1", redis_url, dsn, prefix)
+            for gw in gws:
+                wait_http_ok(gw.port, "/ready")
+            wait_http_ok(router.port, "/ready")
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                status = get_json(gws[0].port, "/api/v1/cluster/status", {"X-API-Key": API_KEY})
+                owned = {p for r in status["routers"] if r["status"] == "healthy"
+                         for p in r.get("partitions", [])}
+                if len(owned) == status["partitions"]:
+                    break
+                await asyncio.sleep(0.2)
+            tally, rec = Tally(), Recorder()
+            clients = await connect_users([g.port for g in gws], args.users, tally, rec, True)
+            pools = [[await http_connect(g.port) for _ in range(args.http_conns)] for g in gws]
+            sender = RestSender(pools)
+            await drive(sender, min(args.rates), 2.0, args.users)  # warm-up
+            await asyncio.sleep(1.0)
+            by_rate: dict[str, Any] = {}
+            for rate in args.rates:
+                rec.latencies, sender.rest_latencies = [], []
+                rec.recording = True
+                cpu0 = {s.name: s.cpu() for s in (*gws, router, redis)}
+                t0 = time.monotonic()
+                sent, lag = await drive(sender, rate, args.seconds, args.users)
+                await asyncio.sleep(1.0)
+                rec.recording = False
+                wall = time.monotonic() - t0
+                result = summarise(rec.latencies, sent)
+                rest_ms = [x * 1000 for x in sender.rest_latencies]
+                result["rest_p50_ms"] = round(percentile(rest_ms, 0.5), 3)
+                result["rest_p99_ms"] = round(percentile(rest_ms, 0.99), 3)
+                result["rest_errors"] = sender.errors
+                result["sender_max_lag_ms"] = round(lag * 1000, 3)
+                result["cpu_util"] = {s.name: round((s.cpu() - cpu0[s.name]) / wall, 3)
+                                      for s in (*gws, router, redis)}
+                result["server_core_util"] = round(sum(result["cpu_util"].values()), 3)
+                by_rate[str(rate)] = result
+                print(f"cluster @ {rate}/s: p50 {result['p50_ms']} ms  p99 {result['p99_ms']} ms "
+                      f"({result['received']}/{result['expected']}, REST p99 "
+                      f"{result['rest_p99_ms']} ms, server core util "
+                      f"{result['server_core_util']})", flush=True)
+                await asyncio.sleep(2.0)
+            for c in clients:
+                c.close()
+            return {"by_rate": by_rate, "pg_synchronous_commit": args.pg_sync_commit,
+                    "pg_commit_latency": await commit_latency(dsn)}
+        finally:
+            procs.stop_all()
+            await drop_database(dsn)
+
+
+async def run_bare(args: argparse.Namespace) -> dict[str, Any]:
+    with processes() as procs:
+        srv = start_bare(procs)
+        tally, rec = Tally(), Recorder()
+        clients = await connect_users([srv.port], args.users, tally, rec, False)
+        ctl = (await open_many(lambda i: WsClient("/control", f"127.0.0.1:{srv.port}", Tally()),
+                               1, srv.port))[0]
+        ctl.keep_texts = False
+
+        async def send(user: str, due: float) -> None:
+            ctl.send_text(orjson.dumps({"op": "user", "user": user, "event_type": "bench.latency",
+                                        "payload": {"t": due}}))
+
+        await drive(send, min(args.rates), 2.0, args.users)
+        await asyncio.sleep(1.0)
+        by_rate: dict[str, Any] = {}
+        for rate in args.rates:
+            rec.latencies = []
+            rec.recording = True
+            cpu0, t0 = srv.cpu(), time.monotonic()
+            sent, lag = await drive(send, rate, args.seconds, args.users)
+            await asyncio.sleep(1.0)
+            rec.recording = False
+            result = summarise(rec.latencies, sent)
+            result["sender_max_lag_ms"] = round(lag * 1000, 3)
+            result["server_core_util"] = round((srv.cpu() - cpu0) / (time.monotonic() - t0), 3)
+            by_rate[str(rate)] = result
+            print(f"bare    @ {rate}/s: p50 {result['p50_ms']} ms  p99 {result['p99_ms']} ms "
+                  f"({result['received']}/{result['expected']})", flush=True)
+        for c in (*clients, ctl):
+            c.close()
+        return {"by_rate": by_rate}
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    bare = await run_bare(args)
+    cluster = await run_cluster(args)
+    summary: dict[str, Any] = {}
+    for rate in args.rates:
+        c, b = cluster["by_rate"][str(rate)], bare["by_rate"][str(rate)]
+        summary[str(rate)] = {
+            "p50_ms": c["p50_ms"],
+            "p99_ms": c["p99_ms"],
+            "bare_p50_ms": b["p50_ms"],
+            "bare_p99_ms": b["p99_ms"],
+            "p99_ratio_to_bare": ratio(c["p99_ms"], b["p99_ms"]),
+            "all_received": c["received"] == c["expected"],
+            "server_core_util": c["server_core_util"],
+        }
+    summary["target_p99_ms_max"] = 10.0
+    summary["pg_synchronous_commit"] = args.pg_sync_commit
+    summary["pg_commit_p99_ms"] = cluster["pg_commit_latency"]["p99_ms"]
+    print("summary:", summary)
+    return {"rates": args.rates, "seconds": args.seconds, "users": args.users,
+            "cluster": cluster, "bare": bare, "summary": summary}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rates", default="1000",
+                        help="comma-separated notifications per second, run in turn")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--users", type=int, default=200)
+    parser.add_argument("--http-conns", type=int, default=16, help="per gateway")
+    parser.add_argument("--pg-sync-commit", choices=("on", "off"), default="off",
+                        help="synchronous_commit of the benchmark database (see docs)")
+    parser.add_argument("--name", default=None)
+    args = parser.parse_args()
+    args.rates = [int(r) for r in str(args.rates).split(",")]
+    pin_self()
+    raise_nofile()
+    name = args.name or ("cluster_latency" if args.pg_sync_commit == "off"
+                         else "cluster_latency_sync_commit")
+    write_result(name, uvloop.run(main_async(args)))
+
+
+if __name__ == "__main__":
+    main()
