@@ -25,11 +25,12 @@ from common.backends.redis_client import RedisHandle
 from common.backends.redis_dispatch import ClusterDispatcher
 from common.backends.redis_limits import RedisIdempotencyStore, RedisRateLimiter
 from common.backends.redis_sessions import LocalView, RedisSessionStore
+from common.backends.redis_stats import RedisStats
 from common.backends.redis_streams import PartitionProducer, decode_delivery
 from common.metrics import Metrics
 from common.settings import Settings
 from gateway.connections import ConnectionManager
-from gateway.local import session_of
+from gateway.local import deliver_traced, session_of
 from gateway.node import Backends
 
 log = logging.getLogger("ara.gateway.cluster")
@@ -58,12 +59,14 @@ class GatewayLoops:
         self.stream = handle.keys.node_stream(settings.node_id)
         self.started_at = time.time()
         self._tasks: list[asyncio.Task[None]] = []
+        self.stopping = False
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._heartbeat()), loop.create_task(self._consume())]
 
     async def stop(self) -> None:
+        self.stopping = True
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -81,7 +84,7 @@ class GatewayLoops:
 
     async def _heartbeat(self) -> None:
         last_refresh = time.monotonic()
-        while True:
+        while not self.stopping:
             try:
                 refresh = time.monotonic() - last_refresh > TTL_REFRESH_SECONDS
                 rewrote = await self.sessions.heartbeat(self.info(), refresh_ttls=refresh)
@@ -99,7 +102,7 @@ class GatewayLoops:
         last = await self._start_id()
         backoff = 0.1
         trimmed = 0
-        while True:
+        while not self.stopping:
             try:
                 response = await self.redis.blocking.xread(
                     {self.stream: last}, count=1000, block=1000
@@ -112,7 +115,8 @@ class GatewayLoops:
                 await asyncio.sleep(backoff)
                 backoff = min(2.0, backoff * 2)
                 continue
-            for _, entries in response or []:
+            batches: Any = response or []
+            for _, entries in batches:
                 for entry_id, fields in entries:
                     last = entry_id
                     try:
@@ -120,7 +124,7 @@ class GatewayLoops:
                     except Exception:
                         log.exception("dropping undecodable delivery %r", entry_id)
                         continue
-                    reached = self.manager.deliver(delivery)
+                    reached = deliver_traced(self.manager, delivery)
                     self.metrics.deliveries.labels(delivery.kind).inc(reached)
                 trimmed += len(entries)
             if trimmed >= 1000:
@@ -131,8 +135,8 @@ class GatewayLoops:
     async def _start_id(self) -> bytes | str:
         while True:
             try:
-                newest = await self.redis.client.xrevrange(self.stream, count=1)
-                return newest[0][0] if newest else "0-0"
+                newest: Any = await self.redis.client.xrevrange(self.stream, count=1)
+                return bytes(newest[0][0]) if newest else "0-0"
             except Exception as exc:
                 log.warning("delivery stream not reachable yet: %s", exc)
                 await asyncio.sleep(0.5)
@@ -166,6 +170,7 @@ def cluster_backends(settings: Settings, manager: ConnectionManager, metrics: Me
     pg = PostgresHandle(settings.database_url, min_size=0, max_size=10)
     sessions = RedisSessionStore(handle, settings.node_id, _local_view(manager, settings.node_id))
     loops = GatewayLoops(settings, handle, sessions, manager, metrics)
+    stats = RedisStats(handle)
 
     async def cluster_view() -> dict[str, object]:
         return await cluster_status(settings, handle, sessions)
@@ -176,11 +181,12 @@ def cluster_backends(settings: Settings, manager: ConnectionManager, metrics: Me
         receipts=PostgresReceipts(pg),
         templates=PostgresTemplates(pg),
         dispatcher=ClusterDispatcher(settings, sessions, PartitionProducer(handle)),
-        starters=[pg.open, loops.start],
-        stoppers=[handle.close, pg.close, loops.stop],
+        starters=[pg.open, loops.start, stats.start],
+        stoppers=[handle.close, pg.close, loops.stop, stats.stop],
         health={"redis": handle.ping, "postgres": pg.ping},
         rate_limiter=RedisRateLimiter(handle),
         idempotency=RedisIdempotencyStore(handle),
+        stats=stats,
         cluster=cluster_view,
         available=lambda: handle.breaker.healthy,
     )

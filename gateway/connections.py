@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator
+from typing import Any
 
 from common.backends.base import Delivery
 from gateway.connection import Connection
@@ -113,7 +114,7 @@ class ConnectionManager:
         return reached
 
 
-def _discard(index: dict, key: object, conn_id: str) -> None:  # type: ignore[type-arg]
+def _discard(index: dict[Any, dict[str, Connection]], key: object, conn_id: str) -> None:
     bucket = index.get(key)
     if bucket is None:
         return

@@ -71,9 +71,15 @@ async def read_json(request: Request, limit: int) -> Any:
     if not body:
         raise ApiError(400, "INVALID_JSON", "request body is empty")
     try:
-        return jsoncodec.loads(bytes(body))
+        data = jsoncodec.loads(bytes(body))
     except jsoncodec.JSONDecodeError as exc:
         raise ApiError(400, "INVALID_JSON", f"malformed JSON: {exc}") from None
+    if jsoncodec.too_deep(data):
+        raise ApiError(
+            422, "VALIDATION_ERROR",
+            f"JSON nests deeper than {jsoncodec.MAX_INPUT_DEPTH} levels", {"field": "body"},
+        )
+    return data
 
 
 def too_large(limit: int) -> ApiError:

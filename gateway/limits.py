@@ -7,11 +7,12 @@ spreading over gateways.
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 from starlette.requests import HTTPConnection
 
-from common.auth import Identity
+from common.auth import ApiKeyChecker, Identity
 from common.errors import ApiError
 from common.metrics import Metrics
 from common.ratelimit import RateLimiter
@@ -49,7 +50,13 @@ class ConnectLimiter:
 
 
 class HttpLimiter:
-    """Per API key (or client address) token bucket with ``X-RateLimit-*`` headers."""
+    """Per API key (or client address) token bucket with ``X-RateLimit-*`` headers.
+
+    Only a valid key gets a bucket of its own: a request with a missing or wrong key
+    counts against its client address, so guessing keys does not get a fresh burst
+    per guess. Buckets are named by a digest of the key, never the key itself, so
+    API keys do not appear in Redis key names.
+    """
 
     def __init__(self, settings: Settings, limiter: RateLimiter, metrics: Metrics) -> None:
         self.enabled = settings.ratelimit_enabled
@@ -57,12 +64,24 @@ class HttpLimiter:
         self.burst = float(settings.ratelimit_http_burst_size)
         self.limiter = limiter
         self.metrics = metrics
+        self.keys = ApiKeyChecker(settings)
+
+    def bucket(self, conn: HTTPConnection) -> str:
+        presented = conn.headers.get("x-api-key")
+        if presented:
+            try:
+                self.keys.check(presented)
+            except ApiError:
+                pass
+            else:
+                digest = hashlib.sha256(presented.encode()).hexdigest()[:32]
+                return f"http\x1fkey\x1f{digest}"
+        return f"http\x1faddr\x1f{conn.client.host if conn.client else 'unknown'}"
 
     async def check(self, conn: HTTPConnection) -> dict[str, str]:
         if not self.enabled:
             return {}
-        key = conn.headers.get("x-api-key") or (conn.client.host if conn.client else "unknown")
-        wait = await self.limiter.take(f"http\x1f{key}", self.rate, self.burst)
+        wait = await self.limiter.take(self.bucket(conn), self.rate, self.burst)
         headers = {"X-RateLimit-Limit": str(int(self.burst))}
         if wait > 0:
             self.metrics.ratelimited.labels("http").inc()

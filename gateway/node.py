@@ -15,7 +15,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from common import jsoncodec
@@ -38,11 +38,12 @@ from common.protocol import (
     valid_channel,
 )
 from common.ratelimit import LocalLimiter, RateLimiter
-from common.sending import SendTotals
 from common.settings import Settings
+from common.stats import MemoryStats, StatsStore
 from gateway.connection import (
     CLOSE_GOING_AWAY,
     CLOSE_IDLE,
+    CLOSE_SLOW_CONSUMER,
     CLOSE_TOKEN_EXPIRED,
     Connection,
     Sink,
@@ -78,6 +79,7 @@ class Backends:
     health: dict[str, Callable[[], Awaitable[dict[str, object]]]] = field(default_factory=dict)
     rate_limiter: RateLimiter = field(default_factory=LocalLimiter)
     idempotency: IdempotencyStore = field(default_factory=MemoryIdempotencyStore)
+    stats: StatsStore = field(default_factory=MemoryStats)
     cluster: Callable[[], Awaitable[dict[str, object]]] | None = None
     available: Callable[[], bool] = lambda: True
 
@@ -102,7 +104,6 @@ class GatewayNode:
         self.draining = False
         self._tasks: list[asyncio.Task[None]] = []
         self._last_beat = time.monotonic()
-        self.send_totals: Mapping[str, SendTotals] | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -238,7 +239,8 @@ class GatewayNode:
     async def _wait_writable(self, conn: Connection) -> None:
         """Backpressure for long replays: never overflow our own outbox."""
         high = max(1, conn.max_outbox // 2)
-        while len(conn.outbox) >= high and not conn.closed:
+        # Polling, not an Event per connection: replays are rare, sockets are many.
+        while len(conn.outbox) >= high and not conn.closed:  # noqa: ASYNC110
             await asyncio.sleep(0.005)
 
     async def end(self, conn: Connection) -> None:
@@ -248,6 +250,8 @@ class GatewayNode:
         if conn.expiry_timer is not None:
             conn.expiry_timer.cancel()
         self.metrics.connections.labels(conn.transport).dec()
+        if conn.close_code == CLOSE_SLOW_CONSUMER:
+            self.metrics.slow_consumers.inc()
         try:
             await self.backends.sessions.unregister(session_of(conn, self.node_id))
         except Exception:
@@ -257,19 +261,21 @@ class GatewayNode:
         if not conn.closed:
             conn.push(("error", None, error_frame("TOKEN_EXPIRED", "token expired")))
             asyncio.get_running_loop().create_task(
-                conn.close_after_flush(CLOSE_TOKEN_EXPIRED, "token expired", timeout=1.0)
+                conn.close_after_flush(CLOSE_TOKEN_EXPIRED, "token expired", within=1.0)
             )
 
     # -- client requests -------------------------------------------------------
 
-    async def subscribe(self, conn: Connection, names: Sequence[object]) -> tuple[list[str], str | None]:
+    async def subscribe(
+        self, conn: Connection, names: Sequence[object]
+    ) -> tuple[list[str], str | None]:
         limit = self.settings.websocket_max_subscriptions_per_connection
         accepted: list[str] = []
         added: list[str] = []
         problems: list[str] = []
         for name in names:
             if not valid_channel(name):
-                problems.append(f"invalid channel name {str(name)[:80]!r}")
+                problems.append(f"invalid channel name {jsoncodec.preview(name)!r}")
                 continue
             assert isinstance(name, str)
             if name not in conn.channels and len(conn.channels) >= limit:
@@ -290,14 +296,15 @@ class GatewayNode:
         problems: list[str] = []
         for name in names:
             if not valid_channel(name):
-                problems.append(f"invalid channel name {str(name)[:80]!r}")
+                problems.append(f"invalid channel name {jsoncodec.preview(name)!r}")
                 continue
             assert isinstance(name, str)
             if self.manager.unsubscribe(conn, name):
                 removed.append(name)
             done.append(name)
         if removed:
-            await self.backends.sessions.update_channels(session_of(conn, self.node_id), [], removed)
+            session = session_of(conn, self.node_id)
+            await self.backends.sessions.update_channels(session, [], removed)
         return done, "; ".join(problems) or None
 
     async def ack(self, identity: Identity, connection_id: str, notification_id: str) -> str | None:
@@ -325,7 +332,7 @@ class GatewayNode:
     async def stats(self, tenant_id: str) -> dict[str, object]:
         summary = await self.backends.sessions.tenant_summary(tenant_id)
         channels = await self.backends.sessions.channel_counts(tenant_id)
-        totals = self.totals_of(tenant_id)
+        totals = await self.backends.stats.totals(tenant_id)
         acks = await self.backends.receipts.stats(
             tenant_id, time.time(), self.settings.ack_timeout_seconds
         )
@@ -348,18 +355,6 @@ class GatewayNode:
             "uptime_seconds": round(time.time() - self.started_at, 3),
         }
 
-    def totals_of(self, tenant_id: str) -> dict[str, int]:
-        """Hook for the send counters; the app wires the sender's totals in."""
-        totals = self.send_totals.get(tenant_id) if self.send_totals is not None else None
-        if totals is None:
-            return {"sent": 0, "delivered": 0, "failed": 0, "queued": 0}
-        return {
-            "sent": totals.sent,
-            "delivered": totals.delivered,
-            "failed": totals.failed,
-            "queued": totals.queued,
-        }
-
     async def tenant_usage(self, tenant_id: str) -> dict[str, object]:
         summary = await self.backends.sessions.tenant_summary(tenant_id)
         channels = await self.backends.sessions.channel_counts(tenant_id)
@@ -368,13 +363,12 @@ class GatewayNode:
             "connections": summary["websocket"] + summary["sse"],
             "users": summary["users"],
             "channels": sum(1 for count in channels.values() if count > 0),
-            "messages": self.totals_of(tenant_id),
+            "messages": await self.backends.stats.totals(tenant_id),
         }
 
     async def known_tenants(self) -> list[str]:
         found = set(await self.backends.sessions.tenants())
-        if self.send_totals is not None:
-            found.update(self.send_totals)
+        found.update(await self.backends.stats.tenants())
         return sorted(found)
 
     async def cluster_status(self) -> dict[str, object]:
@@ -400,10 +394,11 @@ class GatewayNode:
                 parts[name] = {"status": "not_configured"}
                 continue
             try:
-                parts[name] = await asyncio.wait_for(probe(), timeout=2.0)
+                state = await asyncio.wait_for(probe(), timeout=2.0)
             except Exception as exc:
-                parts[name] = {"status": "down", "error": type(exc).__name__}
-            if isinstance(parts[name], dict) and parts[name].get("status") != "up":  # type: ignore[union-attr]
+                state = {"status": "down", "error": type(exc).__name__}
+            parts[name] = state
+            if state.get("status") != "up":
                 degraded = True
         from common import __version__
 
@@ -430,14 +425,15 @@ class GatewayNode:
             beat = now - self._last_beat >= interval
             if beat:
                 self._last_beat = now
-            sse_frame = jsoncodec.dumps_str({"type": "heartbeat", "timestamp": utc_iso(time.time())})
+            stamp = utc_iso(time.time())
+            sse_frame = jsoncodec.dumps_str({"type": "heartbeat", "timestamp": stamp})
             for conn in self.manager:
                 if conn.closed:
                     continue
                 if conn.transport == "websocket" and now - conn.last_seen > timeout:
                     log.info("closing idle connection %s", conn.id)
                     asyncio.get_running_loop().create_task(
-                        conn.close_after_flush(CLOSE_IDLE, "idle timeout", timeout=1.0)
+                        conn.close_after_flush(CLOSE_IDLE, "idle timeout", within=1.0)
                     )
                     continue
                 if beat:

@@ -110,7 +110,8 @@ def build_openapi() -> dict[str, Any]:
     models = [SendRequest, SendToUsersRequest, BroadcastRequest, ChannelRequest, ChannelsRequest,
               BatchRequest, BatchItem, TemplateBody, AckRequest]
     _, defs = models_json_schema(
-        [(m, "validation") for m in models], ref_template="#/components/schemas/{model}"
+        [(m, "validation") for m in models],  # type: ignore[misc]
+        ref_template="#/components/schemas/{model}",
     )
     schemas: dict[str, Any] = dict(defs.get("$defs", {}))
     schemas["Error"] = ERROR_SCHEMA
@@ -163,8 +164,8 @@ def build_openapi() -> dict[str, Any]:
     for path, summary in [("/health", "Liveness and backend health"),
                           ("/ready", "Readiness: 503 while starting or draining"),
                           ("/metrics", "Prometheus metrics")]:
-        paths[path] = {"get": {"summary": summary, "responses": {"200": {"description": "OK"},
-                                                                   "503": {"description": "Not ready"}}}}
+        responses = {"200": {"description": "OK"}, "503": {"description": "Not ready"}}
+        paths[path] = {"get": {"summary": summary, "responses": responses}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "Ara Notification Service", "version": __version__},

@@ -76,7 +76,8 @@ async def cluster_user(request: Request) -> Response:
 
 
 async def cluster_status(request: Request) -> Response:
-    principal(request)
+    if principal(request).bound_tenant is not None:
+        raise ApiError(403, "FORBIDDEN", "cluster status needs the operator API key")
     node = _node(request)
     status = await node.cluster_status()
     return JSONResponse(status)

@@ -110,10 +110,13 @@ class PrivatePostgres:
         self.dir = tempfile.mkdtemp(prefix="ara-pg-")
         self.data = os.path.join(self.dir, "data")
         self.proc: subprocess.Popen[bytes] | None = None
-        self.as_user: list[str] = []
+        # As root, run the server binaries themselves as 'postgres' (no runuser wrapper):
+        # then self.proc is the postmaster, and a signal sent to it stops the server.
+        # Through runuser the postmaster was a grandchild that outlived stop().
+        self.as_user: dict[str, Any] = {}
         if os.geteuid() == 0:
             shutil.chown(self.dir, "postgres", "postgres")
-            self.as_user = ["runuser", "-u", "postgres", "--"]
+            self.as_user = {"user": "postgres", "group": "postgres", "extra_groups": []}
 
     @property
     def dsn(self) -> str:
@@ -121,28 +124,33 @@ class PrivatePostgres:
 
     def init(self) -> None:
         subprocess.run(
-            [*self.as_user, _pg_bin("initdb"), "-D", self.data, "-U", "postgres",
+            [_pg_bin("initdb"), "-D", self.data, "-U", "postgres",
              "--auth=trust", "-E", "UTF8", "--no-sync"],
-            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.dir,
+            **self.as_user,
         )
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [*self.as_user, _pg_bin("postgres"), "-D", self.data, "-p", str(self.port),
+            [_pg_bin("postgres"), "-D", self.data, "-p", str(self.port),
              "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=" + self.dir,
              "-c", "fsync=off", "-c", "max_connections=200"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.dir, **self.as_user,
         )
         wait_port(self.port, 30)
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"postgres on port {self.port} exited with {self.proc.returncode}")
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # fast shutdown
+            self.proc.send_signal(signal.SIGINT)  # fast shutdown: backends end too
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.5):
+            raise RuntimeError(f"postgres on port {self.port} is still accepting connections")
 
     def cleanup(self) -> None:
         self.stop()
@@ -288,7 +296,7 @@ class Cluster:
         settings = load_settings(jwt_secret=JWT_SECRET)
         return mint_token(settings, sub, tenant=tenant, ttl=ttl)
 
-    async def wait_routed(self, timeout: float = 15.0) -> None:
+    async def wait_routed(self, timeout: float = 15.0) -> None:  # noqa: ASYNC109
         """Until every partition is held by some live router."""
         deadline = time.monotonic() + timeout
         gw = self.gateways()[0]
@@ -358,14 +366,16 @@ class Client:
             assert hello["type"] == "connected", hello
             yield client
 
-    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:  # noqa: ASYNC109
         while True:
             frame = json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
             if frame["type"] != "heartbeat":
                 self.frames.append(frame)
                 return frame
 
-    async def notifications(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+    async def notifications(
+        self, count: int, timeout: float = 10.0,  # noqa: ASYNC109 - callers pass timeout=
+    ) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = []
         deadline = time.monotonic() + timeout
         while len(found) < count:
@@ -374,7 +384,7 @@ class Client:
                 break
             try:
                 frame = await self.recv(remaining)
-            except (TimeoutError, asyncio.TimeoutError):
+            except TimeoutError:
                 break
             if frame["type"] == "notification":
                 found.append(frame)
@@ -382,6 +392,20 @@ class Client:
 
     async def send(self, frame: dict[str, Any]) -> None:
         await self.ws.send(json.dumps(frame))
+
+    async def ack(self, notification_id: str) -> None:
+        """ACK, ignoring a connection that is already closing (frames may still be queued)."""
+        with contextlib.suppress(websockets.ConnectionClosed):
+            await self.send({"type": "Ack", "payload": {"notification_id": notification_id}})
+
+    async def read_until_closed(self, timeout: float = 10.0) -> int | None:  # noqa: ASYNC109
+        """Read (and ACK) everything the server sends until it closes; returns the close code."""
+        with contextlib.suppress(websockets.ConnectionClosed):
+            while True:
+                frame = await self.recv(timeout)
+                if frame["type"] == "notification":
+                    await self.ack(frame["id"])
+        return self.ws.close_code
 
 
 def api(base: str) -> httpx.AsyncClient:

@@ -180,7 +180,9 @@ class AckStats:
 class ReceiptStore(Protocol):
     """Who a notification went to and who acknowledged it."""
 
-    async def record(self, notification: Notification, target: Target, delivered_to: int) -> None: ...
+    async def record(
+        self, notification: Notification, target: Target, delivered_to: int
+    ) -> None: ...
 
     async def ack(
         self, tenant_id: str, notification_id: str, user_id: str, connection_id: str, now: float

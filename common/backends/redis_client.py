@@ -8,6 +8,7 @@ probes back off exponentially with jitter until Redis answers again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -163,7 +164,17 @@ class RedisHandle:
         self.breaker = CircuitBreaker("redis")
 
     async def run(self, operation: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
-        return await self.breaker.call(lambda: operation(self.client))
+        was_healthy = self.breaker.healthy
+        try:
+            return await self.breaker.call(lambda: operation(self.client))
+        except BackendUnavailable:
+            if was_healthy:
+                # Redis just went away. Idle pooled connections still point at the old
+                # server; left alone, each would fail once after Redis is back and reopen
+                # the breaker, so REST would flap between 200 and 503 for seconds.
+                with contextlib.suppress(Exception):
+                    await self.client.connection_pool.disconnect(inuse_connections=False)
+            raise
 
     async def ping(self) -> dict[str, Any]:
         started = time.monotonic()

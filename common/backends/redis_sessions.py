@@ -97,6 +97,7 @@ class RedisSessionStore:
                 pipe.hset(self.keys.tenant_conns(session.tenant_id),
                           mapping=self._tenant_fields(session.tenant_id))
                 await pipe.execute()
+            await self._forget_empty_channels(r, session.tenant_id, session.channels)
 
         await self.redis.run(op)
 
@@ -113,8 +114,29 @@ class RedisSessionStore:
                     self._write_channel(pipe, tenant, channel)
                 pipe.hset(key, session.connection_id, self._session_value(session))
                 await pipe.execute()
+            await self._forget_empty_channels(r, tenant, removed)
 
         await self._write(op)
+
+    async def _forget_empty_channels(self, r: Any, tenant: str, channels: Sequence[str]) -> None:
+        """Drop channels nobody subscribes to any more from ``chans:{tenant}``.
+
+        The set only feeds listings and stats, but without this it would collect every
+        channel name ever used while the tenant stays active (its TTL keeps being
+        refreshed). A name removed in a race with a subscribe on another gateway is
+        written back by that gateway's next full rewrite.
+        """
+        assert self.local is not None
+        emptied = [c for c in channels if not self.local.channel_count(tenant, c)]
+        if not emptied:
+            return
+        async with r.pipeline(transaction=False) as pipe:
+            for channel in emptied:
+                pipe.exists(self.keys.channel(tenant, channel))
+            found = await pipe.execute()
+        gone = [c for c, exists in zip(emptied, found, strict=True) if not exists]
+        if gone:
+            await r.srem(self.keys.channel_names(tenant), *gone)
 
     def _write_channel(self, pipe: Any, tenant: str, channel: str) -> None:
         assert self.local is not None and self.node_id is not None
@@ -134,14 +156,15 @@ class RedisSessionStore:
         Returns True when a full re-registration was done.
         """
         assert self.node_id is not None and self.local is not None
+        node_id = self.node_id
         now = time.time()
 
         async def op(r: Any) -> bool:
             async with r.pipeline(transaction=False) as pipe:
                 pipe.zadd(self.keys.nodes, {self.node_id: now})
                 pipe.hset(self.keys.node_info, self.node_id, jsoncodec.dumps(info))
-                pipe.set(self.keys.node_mark(self.node_id), b"1", nx=True, ex=KEY_TTL_SECONDS * 4)
-                pipe.expire(self.keys.node_mark(self.node_id), KEY_TTL_SECONDS * 4)
+                pipe.set(self.keys.node_mark(node_id), b"1", nx=True, ex=KEY_TTL_SECONDS * 4)
+                pipe.expire(self.keys.node_mark(node_id), KEY_TTL_SECONDS * 4)
                 results = await pipe.execute()
             lost = bool(results[2])
             if lost or refresh_ttls or self.dirty:

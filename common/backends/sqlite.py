@@ -7,9 +7,11 @@ one connection on aiosqlite's worker thread).
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 import aiosqlite
 
@@ -68,12 +70,35 @@ CREATE TABLE IF NOT EXISTS templates (
 """
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class _HasDatabase(Protocol):
+    database: SQLiteDatabase
+
+
+def serialized(
+    method: Callable[Concatenate[Any, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[Any, P], Coroutine[Any, Any, R]]:
+    """Run a store method under the database lock."""
+
+    @functools.wraps(method)
+    async def wrapper(self: _HasDatabase, *args: P.args, **kwargs: P.kwargs) -> R:
+        async with self.database.lock:
+            return await method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class SQLiteDatabase:
     """The one SQLite connection the embedded stores share."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._db: aiosqlite.Connection | None = None
+        # One connection, many tasks: statements and their commit must not interleave.
+        self.lock = asyncio.Lock()
 
     async def open(self) -> None:
         self._db = await aiosqlite.connect(self.path)
@@ -102,6 +127,7 @@ class SQLiteMailbox:
         self.max_per_user = max_per_user
         self.dropped = 0
 
+    @serialized
     async def put(self, items: Sequence[MailboxPut]) -> None:
         if not items:
             return
@@ -134,6 +160,7 @@ class SQLiteMailbox:
             self.dropped += max(cursor.rowcount, 0)
         await db.commit()
 
+    @serialized
     async def pending(self, tenant_id: str, user_id: str) -> list[MailboxEntry]:
         cursor = await self.database.conn.execute(
             "SELECT record, delivered FROM mailbox"
@@ -146,6 +173,7 @@ class SQLiteMailbox:
             MailboxEntry(Notification.from_record(jsoncodec.loads(r[0])), bool(r[1])) for r in rows
         ]
 
+    @serialized
     async def mark_delivered(self, tenant_id: str, pairs: Sequence[tuple[str, str]]) -> None:
         if not pairs:
             return
@@ -157,6 +185,7 @@ class SQLiteMailbox:
         )
         await db.commit()
 
+    @serialized
     async def remove(self, tenant_id: str, user_id: str, ids: Sequence[str]) -> None:
         if not ids:
             return
@@ -167,6 +196,7 @@ class SQLiteMailbox:
         )
         await db.commit()
 
+    @serialized
     async def ack(self, tenant_id: str, user_id: str, notification_id: str) -> bool:
         db = self.database.conn
         cursor = await db.execute(
@@ -176,12 +206,14 @@ class SQLiteMailbox:
         await db.commit()
         return cursor.rowcount > 0
 
+    @serialized
     async def purge_expired(self, now: float) -> int:
         db = self.database.conn
         cursor = await db.execute("DELETE FROM mailbox WHERE expires_at <= ?", (now,))
         await db.commit()
         return max(cursor.rowcount, 0)
 
+    @serialized
     async def depth(self, tenant_id: str | None = None) -> int:
         if tenant_id is None:
             cursor = await self.database.conn.execute("SELECT count(*) FROM mailbox")
@@ -199,6 +231,7 @@ class SQLiteReceipts:
     def __init__(self, database: SQLiteDatabase) -> None:
         self.database = database
 
+    @serialized
     async def record(self, notification: Notification, target: Target, delivered_to: int) -> None:
         db = self.database.conn
         await db.execute(
@@ -222,6 +255,7 @@ class SQLiteReceipts:
             )
         await db.commit()
 
+    @serialized
     async def ack(
         self, tenant_id: str, notification_id: str, user_id: str, connection_id: str, now: float
     ) -> AckResult:
@@ -249,6 +283,7 @@ class SQLiteReceipts:
         await db.commit()
         return "acked" if cursor.rowcount > 0 else "duplicate"
 
+    @serialized
     async def get(self, tenant_id: str, notification_id: str) -> Receipt | None:
         db = self.database.conn
         cursor = await db.execute(
@@ -276,6 +311,7 @@ class SQLiteReceipts:
             acked_by=acks,
         )
 
+    @serialized
     async def stats(self, tenant_id: str | None, now: float, ack_timeout: float) -> AckStats:
         tenant_clause = "" if tenant_id is None else " AND r.tenant_id = ?"
         params: tuple[Any, ...] = () if tenant_id is None else (tenant_id,)
@@ -326,6 +362,7 @@ class SQLiteTemplates:
         data = jsoncodec.loads(body)
         return Template(id=template_id, tenant_id=tenant_id, **data)
 
+    @serialized
     async def create(self, template: Template) -> bool:
         db = self.database.conn
         cursor = await db.execute(
@@ -335,6 +372,7 @@ class SQLiteTemplates:
         await db.commit()
         return cursor.rowcount > 0
 
+    @serialized
     async def replace(self, template: Template) -> bool:
         db = self.database.conn
         cursor = await db.execute(
@@ -344,6 +382,7 @@ class SQLiteTemplates:
         await db.commit()
         return cursor.rowcount > 0
 
+    @serialized
     async def get(self, tenant_id: str, template_id: str) -> Template | None:
         cursor = await self.database.conn.execute(
             "SELECT body FROM templates WHERE tenant_id = ? AND id = ?", (tenant_id, template_id)
@@ -351,12 +390,14 @@ class SQLiteTemplates:
         row = await cursor.fetchone()
         return None if row is None else self._decode(tenant_id, template_id, row[0])
 
+    @serialized
     async def list(self, tenant_id: str) -> list[Template]:
         cursor = await self.database.conn.execute(
             "SELECT id, body FROM templates WHERE tenant_id = ? ORDER BY id", (tenant_id,)
         )
         return [self._decode(tenant_id, r[0], r[1]) for r in await cursor.fetchall()]
 
+    @serialized
     async def delete(self, tenant_id: str, template_id: str) -> bool:
         db = self.database.conn
         cursor = await db.execute(
