@@ -101,7 +101,9 @@ def uvicorn_config(app: Starlette, settings: Settings) -> uvicorn.Config:
         host=settings.server_host,
         port=settings.server_port,
         loop=loop,
-        http="auto",
+        # h11 bounds request lines and headers (431/400 for oversized ones); httptools is
+        # faster per request but accepts any size, so it is not used (docs/benchmarks.md).
+        http="h11",
         ws=FastWebSocketProtocol if fast else "websockets-sansio",
         interface="asgi3",
         ws_max_size=settings.websocket_max_frame_bytes,
