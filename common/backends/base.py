@@ -222,6 +222,30 @@ class Template:
         }
 
 
+def encode_template(t: Template) -> str:
+    """A template's stored body (everything but its key), shared by the stores."""
+    from common import jsoncodec
+
+    return jsoncodec.dumps_str(
+        {
+            "name": t.name,
+            "event_type": t.event_type,
+            "payload_template": t.payload_template,
+            "default_priority": t.default_priority,
+            "default_ttl": t.default_ttl,
+            "description": t.description,
+            "created_at": t.created_at,
+            "updated_at": t.updated_at,
+        }
+    )
+
+
+def decode_template(tenant_id: str, template_id: str, body: str) -> Template:
+    from common import jsoncodec
+
+    return Template(id=template_id, tenant_id=tenant_id, **jsoncodec.loads(body))
+
+
 class TemplateStore(Protocol):
     """Templates, shared by every gateway of the deployment."""
 

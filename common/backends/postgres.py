@@ -18,7 +18,16 @@ from typing import Any, Generic, TypeVar
 import asyncpg
 
 from common import jsoncodec
-from common.backends.base import AckResult, AckStats, MailboxEntry, MailboxPut, Receipt, Template
+from common.backends.base import (
+    AckResult,
+    AckStats,
+    MailboxEntry,
+    MailboxPut,
+    Receipt,
+    Template,
+    decode_template,
+    encode_template,
+)
 from common.errors import BackendUnavailable
 from common.protocol import Notification, Target
 
@@ -515,24 +524,8 @@ class PostgresTemplates:
     def __init__(self, pg: PostgresHandle) -> None:
         self.pg = pg
 
-    @staticmethod
-    def _body(t: Template) -> str:
-        return jsoncodec.dumps_str(
-            {
-                "name": t.name,
-                "event_type": t.event_type,
-                "payload_template": t.payload_template,
-                "default_priority": t.default_priority,
-                "default_ttl": t.default_ttl,
-                "description": t.description,
-                "created_at": t.created_at,
-                "updated_at": t.updated_at,
-            }
-        )
-
-    @staticmethod
-    def _template(tenant_id: str, template_id: str, body: str) -> Template:
-        return Template(id=template_id, tenant_id=tenant_id, **jsoncodec.loads(body))
+    _body = staticmethod(encode_template)
+    _template = staticmethod(decode_template)
 
     async def create(self, template: Template) -> bool:
         status = await self.pg.execute(

@@ -23,6 +23,8 @@ from common.backends.base import (
     MailboxPut,
     Receipt,
     Template,
+    decode_template,
+    encode_template,
 )
 from common.protocol import Notification, Target
 
@@ -342,25 +344,8 @@ class SQLiteTemplates:
     def __init__(self, database: SQLiteDatabase) -> None:
         self.database = database
 
-    @staticmethod
-    def _encode(t: Template) -> str:
-        return jsoncodec.dumps_str(
-            {
-                "name": t.name,
-                "event_type": t.event_type,
-                "payload_template": t.payload_template,
-                "default_priority": t.default_priority,
-                "default_ttl": t.default_ttl,
-                "description": t.description,
-                "created_at": t.created_at,
-                "updated_at": t.updated_at,
-            }
-        )
-
-    @staticmethod
-    def _decode(tenant_id: str, template_id: str, body: str) -> Template:
-        data = jsoncodec.loads(body)
-        return Template(id=template_id, tenant_id=tenant_id, **data)
+    _encode = staticmethod(encode_template)
+    _decode = staticmethod(decode_template)
 
     @serialized
     async def create(self, template: Template) -> bool:
