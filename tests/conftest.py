@@ -34,6 +34,8 @@ import httpx
 import pytest
 import pytest_asyncio
 import uvicorn
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -58,6 +60,19 @@ NO_LIMITS: dict[str, Any] = {
 }
 
 DEFAULT_TIMEOUT = 5.0
+
+
+def rsa_pair() -> tuple[str, str]:
+    """A fresh RSA key pair as PEM strings: (private PKCS#8, public SubjectPublicKeyInfo)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+    return private, public
 
 
 def free_port() -> int:

@@ -14,24 +14,11 @@ from conftest import (
     TEST_JWT_SECRET,
     EmbeddedServer,
     ServerFactory,
+    rsa_pair,
     sse_connect,
     ws_connect,
     ws_rejection,
 )
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-
-
-def rsa_pair() -> tuple[str, str]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
-    public = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode()
-    return private, public
 
 
 def hs256(claims: dict, secret: str = TEST_JWT_SECRET) -> str:

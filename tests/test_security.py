@@ -37,12 +37,11 @@ from conftest import (
     EmbeddedServer,
     ServerFactory,
     eventually,
+    rsa_pair,
     sse_connect,
     ws_connect,
     ws_rejection,
 )
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 import common.auth
 from common.auth import ApiKeyChecker
@@ -86,18 +85,6 @@ def good_claims(**extra: Any) -> dict[str, Any]:
 
 def hs(claims: dict[str, Any], secret: str = TEST_JWT_SECRET, alg: str = "HS256") -> str:
     return jwt.encode(claims, secret, algorithm=alg)
-
-
-def rsa_pair() -> tuple[str, str]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
-    public = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode()
-    return private, public
 
 
 OTHER_PRIVATE, _ = rsa_pair()

@@ -230,20 +230,25 @@ class RedisSessionStore:
     def forget_live_cache(self) -> None:
         self._live_cache = (0.0, set())
 
+    async def _hgetall_many(self, keys: list[str]) -> list[dict[bytes, bytes]]:
+        """``HGETALL`` of several hashes in one round trip."""
+
+        async def op(r: Any) -> Any:
+            async with r.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hgetall(key)
+                return await pipe.execute()
+
+        rows: list[dict[bytes, bytes]] = await self.redis.run(op)
+        return rows
+
     async def sessions_of(
         self, tenant_id: str, user_ids: Sequence[str]
     ) -> dict[str, list[SessionInfo]]:
         if not user_ids:
             return {}
         live = await self._live()
-
-        async def op(r: Any) -> Any:
-            async with r.pipeline(transaction=False) as pipe:
-                for user_id in user_ids:
-                    pipe.hgetall(self.keys.session(tenant_id, user_id))
-                return await pipe.execute()
-
-        rows = await self.redis.run(op)
+        rows = await self._hgetall_many([self.keys.session(tenant_id, u) for u in user_ids])
         result: dict[str, list[SessionInfo]] = {}
         for user_id, row in zip(user_ids, rows, strict=True):
             found: list[SessionInfo] = []
@@ -271,14 +276,7 @@ class RedisSessionStore:
         if not channels:
             return {}
         live = await self._live()
-
-        async def op(r: Any) -> Any:
-            async with r.pipeline(transaction=False) as pipe:
-                for channel in channels:
-                    pipe.hgetall(self.keys.channel(tenant_id, channel))
-                return await pipe.execute()
-
-        rows = await self.redis.run(op)
+        rows = await self._hgetall_many([self.keys.channel(tenant_id, c) for c in channels])
         result: dict[str, dict[str, int]] = {}
         for channel, row in zip(channels, rows, strict=True):
             result[channel] = {
