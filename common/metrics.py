@@ -70,6 +70,11 @@ class Metrics:
             "ara_router_partitions", "Partitions whose lease this router holds", registry=r
         )
         self.routed = Counter("ara_router_routed", "Notifications routed", registry=r)
+        self.router_claimed = Counter(
+            "ara_router_claimed",
+            "Pending partition entries taken over from a router that read but did not route them",
+            registry=r,
+        )
         self.router_batch_seconds = Histogram(
             "ara_router_batch_seconds",
             "Time to route one batch read from a partition stream",

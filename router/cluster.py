@@ -56,6 +56,10 @@ BATCH = 500
 MERGE_LIMIT = 500
 MAX_BACKLOG = 10_000
 DEAD_NODE_GRACE = 600.0
+# An entry pending this long with any consumer is claimed by the partition's owner: it
+# was read by a router that then lost the lease before routing it (see ``_consume_loop``).
+STALE_PENDING_MS = 10_000
+STALE_SWEEP_SECONDS = 5.0
 
 
 @dataclass
@@ -147,6 +151,7 @@ class ClusterRouter:
                 self.ready = True
                 self.metrics.backend_up.labels("redis").set(1)
             except Exception as exc:
+                self.leases.suspend()
                 self.metrics.backend_up.labels("redis").set(0)
                 log.warning("membership tick failed: %s", exc)
             await asyncio.sleep(TICK)
@@ -229,34 +234,51 @@ class ClusterRouter:
         # ``while not stopping``: redis-py may turn a cancellation mid-read into a
         # connection error, so cancelling alone does not reliably end this loop.
         backoff = 0.05
+        next_sweep = time.monotonic() + STALE_SWEEP_SECONDS
         while not self.stopping:
             held = [p for p in self.leases.held() if p in self.state]
             if not held:
                 await asyncio.sleep(0.05)
                 continue
             try:
+                sweep = time.monotonic() >= next_sweep
+                if sweep:
+                    next_sweep = time.monotonic() + STALE_SWEEP_SECONDS
                 for p in held:
                     if self.state[p].claim_needed:
                         await self._claim(p)
+                    elif sweep:
+                        await self._claim(p, min_idle_ms=STALE_PENDING_MS)
                 await self._retry_backlogs()
-                streams = {
-                    self.keys.partition(p): ">"
-                    for p in held
-                    if len(self.state[p].backlog_puts) < MAX_BACKLOG
-                }
+                # The read and the routing of what it returns hold the lock, so a
+                # partition cannot be released between them: entries read for a
+                # partition this router no longer works would sit in its pending list.
+                async with self.lock:
+                    streams = {
+                        self.keys.partition(p): ">"
+                        for p in held
+                        if p in self.state and self.leases.holds(p)
+                        and len(self.state[p].backlog_puts) < MAX_BACKLOG
+                    }
+                    if not streams:
+                        response: Any = None
+                    else:
+                        response = await self.redis.blocking.xreadgroup(
+                            GROUP, self.router_id, streams,  # type: ignore[arg-type]
+                            count=BATCH, block=200,
+                        )
+                    failed = await self._route_read(response)
+                backoff = 0.05
                 if not streams:
                     await asyncio.sleep(0.2)
-                    continue
-                response: Any = await self.redis.blocking.xreadgroup(
-                    GROUP, self.router_id, streams,  # type: ignore[arg-type]
-                    count=BATCH, block=200,
-                )
-                backoff = 0.05
+                elif failed:
+                    await asyncio.sleep(0.1)
             except asyncio.CancelledError:
                 raise
             except ResponseError as exc:
                 if "NOGROUP" in str(exc):
                     log.warning("consumer groups are gone (Redis restarted?); recreating")
+                    self.leases.suspend()  # its lease keys went with them
                     await self._ensure_groups()
                     for state in self.state.values():
                         state.claim_needed = True
@@ -265,52 +287,72 @@ class ClusterRouter:
                     await asyncio.sleep(backoff)
                 continue
             except Exception as exc:
+                # Redis may come back empty, without our lease keys: hold off until
+                # the next tick has renewed them (or found them lost).
+                self.leases.suspend()
                 log.warning("reading partitions failed: %s", exc)
                 await asyncio.sleep(backoff)
                 backoff = min(2.0, backoff * 2)
                 continue
-            failed = False
-            async with self.lock:
-                parts = []
-                for stream, entries in response or []:
-                    p = int(stream.decode().rsplit("{", 1)[1].rstrip("}"))
-                    if self.leases.holds(p) and p in self.state:
-                        parts.append((p, entries))
-                try:
-                    await self._process_read(parts)
-                except Exception as exc:
-                    # E.g. the acknowledgement failed on a Redis hiccup. The entries stay
-                    # pending and are claimed again; this loop must not end, or the
-                    # router would keep renewing leases on partitions nobody reads.
-                    failed = True
-                    log.warning("partitions %s: processing failed (%s); will retry",
-                                sorted(p for p, _ in parts), exc)
-                    for p, _ in parts:
-                        if p in self.state:
-                            self.state[p].claim_needed = True
-            if failed:
-                await asyncio.sleep(0.1)
 
-    async def _claim(self, p: int) -> None:
+    async def _route_read(self, response: Any) -> bool:
+        """Route what ``XREADGROUP`` returned (caller holds the lock); True on failure."""
+        parts = []
+        for stream, entries in response or []:
+            p = int(stream.decode().rsplit("{", 1)[1].rstrip("}"))
+            if self.leases.holds(p) and p in self.state:
+                parts.append((p, entries))
+            elif p in self.state:
+                # The lease lapsed locally during the read (a stalled tick): the entries
+                # are pending with us; claim them once the lease is renewed.
+                self.state[p].claim_needed = True
+        try:
+            await self._process_read(parts)
+        except Exception as exc:
+            # E.g. the acknowledgement failed on a Redis hiccup. The entries stay
+            # pending and are claimed again; this loop must not end, or the
+            # router would keep renewing leases on partitions nobody reads.
+            log.warning("partitions %s: processing failed (%s); will retry",
+                        sorted(p for p, _ in parts), exc)
+            for p, _ in parts:
+                if p in self.state:
+                    self.state[p].claim_needed = True
+            return True
+        return False
+
+    async def _claim(self, p: int, min_idle_ms: int = 0) -> None:
+        """Take over and route the partition's pending entries.
+
+        With ``min_idle_ms`` 0 (a newly won lease, or after a failure) every pending
+        entry is claimed; the periodic sweep only claims entries idle for longer,
+        which no live owner is still working on. Entries waiting in this router's
+        own mailbox backlog are pending too and are skipped, not routed twice.
+        """
         key = self.keys.partition(p)
         start: Any = "0-0"
         async with self.lock:
             if not self.leases.holds(p) or p not in self.state:
                 return
+            state = self.state[p]
+            waiting = set(state.backlog_ids)
             while True:
                 reply = await self.redis.client.xautoclaim(
-                    key, GROUP, self.router_id, min_idle_time=0, start_id=start, count=BATCH
+                    key, GROUP, self.router_id, min_idle_time=min_idle_ms, start_id=start,
+                    count=BATCH,
                 )
                 start, entries = reply[0], reply[1]
                 deleted = list(reply[2]) if len(reply) > 2 else []
                 if deleted:
                     await self._ack(p, deleted)
+                if waiting:
+                    entries = [e for e in entries if e[0] not in waiting]
                 if entries:
                     log.info("partition %d: claimed %d pending entries", p, len(entries))
+                    self.metrics.router_claimed.inc(len(entries))
                     await self._process(p, entries)
                 if start in (b"0-0", "0-0"):
                     break
-            self.state[p].claim_needed = False
+            state.claim_needed = False
 
     async def _process_read(self, parts: list[tuple[int, list[Any]]]) -> None:
         """Route what one read returned, its partitions merged into few batches.

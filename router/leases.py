@@ -45,6 +45,17 @@ class Leases:
         now = time.monotonic()
         return sorted(p for p, until in self.valid_until.items() if until > now)
 
+    def suspend(self) -> None:
+        """Stop trusting our leases until the next successful ``renew``.
+
+        Called when Redis fails under us: if it comes back empty, the lease keys are
+        gone and another router may take a partition at once, while our local
+        deadlines would still say we hold it; two routers would then read the same
+        partition. Suspended leases are still renewed (or found lost) by ``renew``.
+        """
+        for p in self.valid_until:
+            self.valid_until[p] = 0.0
+
     async def acquire(self, partitions: list[int]) -> list[int]:
         if not partitions:
             return []

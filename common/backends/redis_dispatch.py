@@ -8,9 +8,16 @@ that owns the partition, in stream order.
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any
 
 from common.backends.base import RouteReport, UserOutcome
-from common.backends.redis_sessions import RedisSessionStore
+from common.backends.redis_sessions import (
+    RedisSessionStore,
+    parse_channel_nodes,
+    parse_live,
+    parse_sessions,
+    parse_tenant_counts,
+)
 from common.backends.redis_streams import PartitionProducer, encode_accepted
 from common.protocol import Notification, Target
 from common.ring import BROADCAST_KEY, partition_of
@@ -35,7 +42,12 @@ def split_by_partition(
 
 
 class ClusterDispatcher:
-    """``Dispatcher`` that appends to partition streams and previews the outcome."""
+    """``Dispatcher`` that appends to partition streams and previews the outcome.
+
+    The reads for the answer and the appends go out in one pipeline: one round
+    trip per send. The reads come first in it, so the answer describes the
+    sessions as they were when the event was accepted, as before.
+    """
 
     def __init__(
         self, settings: Settings, sessions: RedisSessionStore, producer: PartitionProducer
@@ -46,29 +58,50 @@ class ClusterDispatcher:
         self.producer = producer
 
     async def dispatch(self, notification: Notification, target: Target) -> RouteReport:
-        report = await self.preview(notification, target)
+        n = notification
+        keys = self.sessions.keys
         entries = [
-            (partition, encode_accepted(notification, part))
-            for partition, part in split_by_partition(notification, target, self.partitions)
+            (partition, encode_accepted(n, part))
+            for partition, part in split_by_partition(n, target, self.partitions)
         ]
-        await self.producer.append(entries)
-        return report
+        if target.kind in ("user", "users"):
+            names = list(dict.fromkeys(target.user_ids))
+            reads = [keys.session(n.tenant_id, u) for u in names]
+        elif target.kind in ("channel", "channels"):
+            names = list(dict.fromkeys(target.channels))
+            reads = [keys.channel(n.tenant_id, c) for c in names]
+        else:
+            names = []
+            reads = [keys.tenant_conns(n.tenant_id)]
 
-    async def preview(self, n: Notification, target: Target) -> RouteReport:
+        async def op(r: Any) -> Any:
+            async with r.pipeline(transaction=False) as pipe:
+                self.sessions.queue_live_read(pipe)
+                for key in reads:
+                    pipe.hgetall(key)
+                self.producer.queue(pipe, entries)
+                return await pipe.execute()
+
+        members, *rows = (await self.sessions.redis.run(op))[:len(reads) + 1]
+        return self._report(n, target, names, rows, parse_live(members))
+
+    def _report(
+        self, n: Notification, target: Target, names: list[str],
+        rows: list[dict[bytes, bytes]], live: set[str],
+    ) -> RouteReport:
         report = RouteReport()
         if target.kind in ("user", "users"):
-            users = list(dict.fromkeys(target.user_ids))
-            found = await self.sessions.sessions_of(n.tenant_id, users)
-            for user_id in users:
+            found = parse_sessions(n.tenant_id, names, rows, live)
+            for user_id in names:
                 count = len(found.get(user_id, []))
                 report.users[user_id] = UserOutcome(count, self.queue_enabled and count == 0)
                 report.delivered_to += count
         elif target.kind in ("channel", "channels"):
-            channels = list(dict.fromkeys(target.channels))
-            placement = await self.sessions.channel_nodes(n.tenant_id, channels)
-            for channel in channels:
+            placement = parse_channel_nodes(names, rows, live)
+            for channel in names:
                 report.channels[channel] = sum(placement.get(channel, {}).values())
                 report.delivered_to += report.channels[channel]
         else:
-            report.delivered_to = await self.sessions.tenant_connections(n.tenant_id)
+            counts = parse_tenant_counts(rows[0], live)
+            report.delivered_to = counts["websocket"] + counts["sse"]
         return report

@@ -223,68 +223,54 @@ class RedisSessionStore:
         async def op(r: Any) -> Any:
             return await r.zrangebyscore(self.keys.nodes, time.time() - NODE_TTL, "+inf")
 
-        live = {_decode(n) for n in await self.redis.run(op)}
+        live = parse_live(await self.redis.run(op))
         self._live_cache = (now, live)
         return live
 
     def forget_live_cache(self) -> None:
         self._live_cache = (0.0, set())
 
-    async def _hgetall_many(self, keys: list[str]) -> list[dict[bytes, bytes]]:
-        """``HGETALL`` of several hashes in one round trip."""
+    def queue_live_read(self, pipe: Any) -> None:
+        """Add the read of the live gateways to a pipeline (see ``parse_live``)."""
+        pipe.zrangebyscore(self.keys.nodes, time.time() - NODE_TTL, "+inf")
+
+    async def _hgetall_many(self, keys: list[str]) -> tuple[list[dict[bytes, bytes]], set[str]]:
+        """``HGETALL`` of several hashes, and the live gateways, in one round trip.
+
+        The live set is read with the rows, not from the cache: a gateway that has just
+        (re)registered (after Redis restarted empty, or after it looked dead for a
+        while) writes its node entry and its sessions in one heartbeat, and a cached
+        live set older than that would drop its sessions for up to the cache's age.
+        """
 
         async def op(r: Any) -> Any:
             async with r.pipeline(transaction=False) as pipe:
+                self.queue_live_read(pipe)
                 for key in keys:
                     pipe.hgetall(key)
                 return await pipe.execute()
 
-        rows: list[dict[bytes, bytes]] = await self.redis.run(op)
-        return rows
+        members, *rows = await self.redis.run(op)
+        live = parse_live(members)
+        self._live_cache = (time.monotonic(), live)
+        return rows, live
 
     async def sessions_of(
         self, tenant_id: str, user_ids: Sequence[str]
     ) -> dict[str, list[SessionInfo]]:
         if not user_ids:
             return {}
-        live = await self._live()
-        rows = await self._hgetall_many([self.keys.session(tenant_id, u) for u in user_ids])
-        result: dict[str, list[SessionInfo]] = {}
-        for user_id, row in zip(user_ids, rows, strict=True):
-            found: list[SessionInfo] = []
-            for conn_id, raw in (row or {}).items():
-                data = jsoncodec.loads(raw)
-                if data["n"] not in live:
-                    continue
-                found.append(
-                    SessionInfo(
-                        connection_id=_decode(conn_id),
-                        tenant_id=tenant_id,
-                        user_id=user_id,
-                        node_id=data["n"],
-                        transport=data["t"],
-                        connected_at=data["at"],
-                        channels=tuple(data.get("c", ())),
-                    )
-                )
-            result[user_id] = found
-        return result
+        rows, live = await self._hgetall_many(
+            [self.keys.session(tenant_id, u) for u in user_ids])
+        return parse_sessions(tenant_id, user_ids, rows, live)
 
     async def channel_nodes(
         self, tenant_id: str, channels: Sequence[str]
     ) -> dict[str, dict[str, int]]:
         if not channels:
             return {}
-        live = await self._live()
-        rows = await self._hgetall_many([self.keys.channel(tenant_id, c) for c in channels])
-        result: dict[str, dict[str, int]] = {}
-        for channel, row in zip(channels, rows, strict=True):
-            result[channel] = {
-                _decode(node): int(count)
-                for node, count in (row or {}).items()
-                if _decode(node) in live and int(count) > 0
-            }
-        return result
+        rows, live = await self._hgetall_many([self.keys.channel(tenant_id, c) for c in channels])
+        return parse_channel_nodes(channels, rows, live)
 
     async def channel_counts(self, tenant_id: str | None) -> dict[tuple[str, str], int]:
         tenants = [tenant_id] if tenant_id is not None else await self._all_tenants()
@@ -308,12 +294,7 @@ class RedisSessionStore:
         async def op(r: Any) -> Any:
             return await r.hgetall(self.keys.tenant_conns(tenant_id))
 
-        totals = {"websocket": 0, "sse": 0, "users": 0}
-        for field, value in (await self.redis.run(op) or {}).items():
-            node, _, kind = _decode(field).rpartition("|")
-            if node in live and kind in totals:
-                totals[kind] += int(value)
-        return totals
+        return parse_tenant_counts(await self.redis.run(op), live)
 
     async def tenant_connections(self, tenant_id: str) -> int:
         counts = await self._tenant_counts(tenant_id)
@@ -360,3 +341,63 @@ class RedisSessionStore:
             result[name] = data
         return result
 
+
+
+# Parsers of the rows read above, shared with callers that put the reads in a larger
+# pipeline (the cluster dispatcher previews and appends in one round trip).
+
+
+def parse_live(members: Sequence[bytes | str]) -> set[str]:
+    """Node ids from the ``nodes`` sorted-set range read by ``queue_live_read``."""
+    return {_decode(n) for n in members}
+
+
+def parse_sessions(
+    tenant_id: str, user_ids: Sequence[str], rows: Sequence[dict[bytes, bytes] | None],
+    live: set[str],
+) -> dict[str, list[SessionInfo]]:
+    """Sessions per user from ``HGETALL`` rows of their session hashes, live gateways only."""
+    result: dict[str, list[SessionInfo]] = {}
+    for user_id, row in zip(user_ids, rows, strict=True):
+        found: list[SessionInfo] = []
+        for conn_id, raw in (row or {}).items():
+            data = jsoncodec.loads(raw)
+            if data["n"] not in live:
+                continue
+            found.append(
+                SessionInfo(
+                    connection_id=_decode(conn_id),
+                    tenant_id=tenant_id,
+                    user_id=user_id,
+                    node_id=data["n"],
+                    transport=data["t"],
+                    connected_at=data["at"],
+                    channels=tuple(data.get("c", ())),
+                )
+            )
+        result[user_id] = found
+    return result
+
+
+def parse_channel_nodes(
+    channels: Sequence[str], rows: Sequence[dict[bytes, bytes] | None], live: set[str]
+) -> dict[str, dict[str, int]]:
+    """Subscriber count per live gateway, per channel, from the channel hashes."""
+    result: dict[str, dict[str, int]] = {}
+    for channel, row in zip(channels, rows, strict=True):
+        result[channel] = {
+            _decode(node): int(count)
+            for node, count in (row or {}).items()
+            if _decode(node) in live and int(count) > 0
+        }
+    return result
+
+
+def parse_tenant_counts(row: dict[bytes, bytes] | None, live: set[str]) -> dict[str, int]:
+    """Connections and users of a tenant over the live gateways, from ``tenant_conns``."""
+    totals = {"websocket": 0, "sse": 0, "users": 0}
+    for field, value in (row or {}).items():
+        node, _, kind = _decode(field).rpartition("|")
+        if node in live and kind in totals:
+            totals[kind] += int(value)
+    return totals

@@ -60,15 +60,18 @@ class PartitionProducer:
         self.redis = handle
 
     async def append(self, entries: Sequence[tuple[int, bytes]]) -> None:
-        keys = self.redis.keys
-
         async def op(r: Any) -> None:
             async with r.pipeline(transaction=False) as pipe:
-                for partition, payload in entries:
-                    pipe.xadd(keys.partition(partition), {b"e": payload})
+                self.queue(pipe, entries)
                 await pipe.execute()
 
         await self.redis.run(op)
+
+    def queue(self, pipe: Any, entries: Sequence[tuple[int, bytes]]) -> None:
+        """Add the appends to a pipeline the caller executes (with its own commands)."""
+        keys = self.redis.keys
+        for partition, payload in entries:
+            pipe.xadd(keys.partition(partition), {b"e": payload})
 
 
 # Appends ARGV[2..] to the stream KEYS[1] in order, each as an entry {d: payload},

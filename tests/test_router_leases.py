@@ -1,0 +1,109 @@
+"""Partition ownership when Redis fails or a reader dies: no stranded, no shared partitions.
+
+Found by the Redis-restart fault scenario: a router whose lease keys vanished with
+an emptied Redis kept reading its partitions on its local deadlines while another
+router had already taken them, and entries read by a router that then let the
+partition go sat in its pending list with nobody to route them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+from cluster_harness import RedisServer, create_database, drop_database, migrate, pg_admin_dsn
+
+import router.cluster as router_cluster
+from common.backends.redis_client import RedisHandle
+from common.backends.redis_streams import GROUP, PartitionProducer, encode_accepted
+from common.metrics import Metrics
+from common.protocol import Notification, Target
+from common.settings import load_settings
+from router.cluster import ClusterRouter
+from router.leases import Leases
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(60)]
+
+
+@pytest.fixture
+async def redis_server() -> AsyncIterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_suspended_leases_are_not_held_until_renewed_and_lost_if_redis_was_emptied(
+    redis_server: RedisServer,
+) -> None:
+    handle = RedisHandle(redis_server.url, "leasetest")
+    try:
+        leases = Leases(handle, "r1", ttl_seconds=5)
+        assert await leases.acquire([0, 1]) == [0, 1]
+        leases.suspend()
+        assert leases.held() == [] and not leases.holds(0)
+        assert await leases.renew() == []
+        assert leases.held() == [0, 1]
+
+        await handle.client.flushall()  # Redis restarted empty
+        leases.suspend()
+        assert leases.held() == []
+        assert await leases.renew() == [0, 1]
+        assert leases.held() == []
+    finally:
+        await handle.close()
+
+
+async def test_entries_a_dead_reader_left_pending_are_claimed_by_the_owner(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(router_cluster, "STALE_PENDING_MS", 500)
+    monkeypatch.setattr(router_cluster, "STALE_SWEEP_SECONDS", 0.5)
+    admin = pg_admin_dsn()
+    dsn = await create_database(admin)
+    router: ClusterRouter | None = None
+    try:
+        await migrate(dsn)
+        settings = load_settings(redis_url=redis_server.url, database_url=dsn, node_id="r-own",
+                                 router_partitions=4, redis_key_prefix="stale",
+                                 jwt_secret="x" * 40)
+        router = ClusterRouter(settings, Metrics())
+        await router.start()
+        deadline = time.monotonic() + 15
+        while len(router.leases.held()) < 4 or any(s.claim_needed for s in router.state.values()):
+            assert time.monotonic() < deadline, "router did not take its partitions"
+            await asyncio.sleep(0.05)
+
+        n = Notification.create("default", "e", {"i": 1}, default_ttl=60)
+        key = router.keys.partition(0)
+        async with router.lock:  # the router cannot read meanwhile
+            await PartitionProducer(router.redis).append(
+                [(0, encode_accepted(n, Target("user", user_ids=("off",))))])
+            # Another router reads it, then dies (or lets the partition go) unrouted.
+            read = await router.redis.client.xreadgroup(GROUP, "ghost", {key: ">"}, count=10)
+            assert read and read[0][1], "the ghost reader got nothing"
+
+        conn = await asyncpg.connect(dsn)
+        try:
+            deadline = time.monotonic() + 10
+            while not await conn.fetchval(
+                "SELECT count(*) FROM ara_mailbox WHERE notification_id = $1", n.id
+            ):
+                assert time.monotonic() < deadline, "the stranded entry was never routed"
+                await asyncio.sleep(0.1)
+        finally:
+            await conn.close()
+        assert router.metrics.router_claimed._value.get() >= 1
+        pending = await router.redis.client.xpending(key, GROUP)
+        assert pending["pending"] == 0
+    finally:
+        if router is not None:
+            await router.stop()
+        with contextlib.suppress(Exception):
+            await drop_database(admin, dsn)
