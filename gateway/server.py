@@ -29,6 +29,7 @@ from starlette.websockets import WebSocket
 
 from common.settings import Settings
 from gateway.fastws import FastWebSocketProtocol, compatible
+from gateway.httpproto import BoundedHttpToolsProtocol
 from gateway.node import GatewayNode
 from gateway.ws import websocket_endpoint
 
@@ -101,9 +102,8 @@ def uvicorn_config(app: Starlette, settings: Settings) -> uvicorn.Config:
         host=settings.server_host,
         port=settings.server_port,
         loop=loop,
-        # h11 bounds request lines and headers (431/400 for oversized ones); httptools is
-        # faster per request but accepts any size, so it is not used (docs/benchmarks.md).
-        http="h11",
+        # httptools, with a request-head bound and a read deadline (gateway/httpproto.py).
+        http=BoundedHttpToolsProtocol,
         ws=FastWebSocketProtocol if fast else "websockets-sansio",
         interface="asgi3",
         ws_max_size=settings.websocket_max_frame_bytes,
