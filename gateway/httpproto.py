@@ -53,7 +53,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._parsed_head = 0  # bytes of the request line and headers parsed so far
         self._too_large = False
         self._refused = False
-        self._heads_done = 0
+        self._marks = 0  # heads and messages completed on this connection
         self._deadline: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
@@ -61,12 +61,13 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             return
         if self._in_head and self._deadline is None:
             self._deadline = self.loop.call_later(self.read_timeout, self._timed_out)
-        heads_before = self._heads_done
+        marks_before = self._marks
         super().data_received(data)
-        if self._in_head and self._heads_done == heads_before:
+        if self._in_head and self._marks == marks_before:
             # The whole chunk belongs to a head that is not complete yet, which
-            # httptools buffers: count it. (When a head ended inside the chunk, the
-            # next one's start in it is at most one chunk, and is counted when parsed.)
+            # httptools buffers: count it. (When a head or a message ended inside the
+            # chunk, the next head's start in it is at most one chunk, counted when
+            # parsed.)
             self._raw_head += len(data)
         if self._too_large or (self._in_head and self._raw_head > self.max_head_bytes):
             self._refuse(HEAD_TOO_LARGE)
@@ -85,7 +86,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
-        self._heads_done += 1
+        self._marks += 1
         if self._parsed_head > self.max_head_bytes:
             self._too_large = True  # refused by data_received; the app never runs
             return
@@ -93,6 +94,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
+        self._marks += 1
         if self._too_large:
             return
         self._in_head = True
@@ -128,6 +130,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._refused = True
         transport = self.transport
         if transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            # A pipelined request behind one still being answered: no room for a reply.
+            transport.close()
             return
         transport.write(reply)
         if transport.can_write_eof():

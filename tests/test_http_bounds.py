@@ -75,16 +75,24 @@ async def test_many_headers_in_one_write_get_431_before_the_app(server: Embedded
     assert after == before
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["one-write", "head-then-body"])
 async def test_a_large_body_under_a_small_head_is_not_mistaken_for_a_big_head(
-    server: EmbeddedServer,
+    server: EmbeddedServer, split: bool,
 ) -> None:
     body = b'{"target_user_id": "u1", "event_type": "big", "payload": {"pad": "' + \
         b"x" * 60_000 + b'"}}'
+    head = (b"POST /api/v1/notifications/send HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nConnection: close\r\n"
+            b"X-API-Key: " + TEST_API_KEY.encode() + b"\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
     async with raw_connection(server) as (reader, writer):
-        writer.write(b"POST /api/v1/notifications/send HTTP/1.1\r\nHost: x\r\n"
-                     b"Content-Type: application/json\r\nConnection: close\r\n"
-                     b"X-API-Key: " + TEST_API_KEY.encode() + b"\r\n"
-                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        if split:  # the body's last chunk then holds no head bytes at all
+            writer.write(head)
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            writer.write(body)
+        else:
+            writer.write(head + body)
         answer = await read_all(reader)
     assert status_of(answer) == 200, answer[:300]
 
