@@ -9,8 +9,9 @@ are appended to their partition streams exactly as a gateway does
 (``encode_accepted``, ``partition_of``), then one router process is started
 pinned to core 0 and timed from its first routed entry to its last (polling
 its ``/health`` ``routed`` counter). Each notification costs the router the
-full at-least-once path: mailbox row in Postgres, session lookup, append to
-the gateway's node stream, ``delivered`` mark, ``XACK``/``XDEL``.
+full at-least-once path: session lookup (for the row's ``delivered`` flag),
+mailbox row in Postgres (``COPY``), session lookup after the commit, append to
+the gateway's node stream, ``XACK``/``XDEL``.
 
 Baseline, same run, same Redis and pinning: ``bench/bare_forwarder.py``,
 which only moves the entries from the partition streams to a node stream.

@@ -1,14 +1,26 @@
 """Routing accepted notifications: mailbox first, then live sockets.
 
 With at-least-once delivery a user-targeted notification is written to the
-user's mailbox *before* the session lookup. A connection that registers
-after the lookup therefore finds it in the mailbox when it replays, and one
-that registered before gets it live: there is no window in which it is in
-neither. With at-most-once only offline users are queued, and the lookup is
-repeated after the write so a user who connected meanwhile still gets it.
+user's mailbox *before* the session lookup that decides the live delivery. A
+connection that registers after that lookup therefore finds it in the mailbox
+when it replays, and one that registered before gets it live: there is no
+window in which it is in neither. With at-most-once only offline users are
+queued, and the lookup is repeated after the write so a user who connected
+meanwhile still gets it.
+
+At-least-once also looks the users up once *before* the write, only to store
+each row's ``delivered`` flag with the row (no second write per notification to
+mark it). That early lookup never decides a delivery, so the argument above is
+unchanged. The two lookups disagree only for a user who (dis)connected in the
+few milliseconds between them: one found only by the later lookup gets the
+``mark_delivered`` write; one found only by the earlier lookup keeps a row
+flagged delivered that no gateway was handed, as any row does whose connection
+closes between the lookup and the gateway's write (the flag only makes a replay
+say ``redelivered``).
 
 Routing works on batches so a router pays one mailbox write, one pipelined
-session lookup and one pipelined stream append per batch, not per event.
+session lookup (two with at-least-once) and one pipelined stream append per
+batch, not per event.
 """
 
 from __future__ import annotations
@@ -76,18 +88,31 @@ class Router:
         result = BatchResult(reports)
 
         user_items = [i for i in live if batch[i][1].kind in ("user", "users")]
+        grouped = self._by_tenant(
+            {(batch[i][0].tenant_id, u) for i in user_items for u in batch[i][1].user_ids})
+        # Users whose rows were written already flagged delivered (at-least-once).
+        flagged: set[tuple[str, str]] = set()
         if self.at_least_once and user_items:
+            # Only for the rows' ``delivered`` flag: the lookup that decides the live
+            # delivery comes after the write (module docstring).
+            before = await self._lookup(grouped)
+            flagged = {key for key, found in before.items() if found}
             puts = [
-                MailboxPut(u, batch[i][0], delivered=False)
+                MailboxPut(u, n, delivered=(n.tenant_id, u) in flagged)
                 for i in user_items
+                for n in (batch[i][0],)
                 for u in dict.fromkeys(batch[i][1].user_ids)
             ]
             if mailbox_up:
                 await self.mailbox.put(puts)
+                sessions = await self._lookup(grouped)
             else:
+                # Nothing was written (it is retried later), so there is no commit to
+                # order the delivery lookup after: the one lookup serves, as before.
                 result.unwritten.extend(puts)
-
-        sessions = await self._lookup(batch, user_items)
+                sessions = before
+        else:
+            sessions = await self._lookup(grouped)
         if not self.at_least_once and self.queue_enabled and user_items:
             puts = [
                 MailboxPut(u, batch[i][0], delivered=False)
@@ -99,8 +124,8 @@ class Router:
                 if mailbox_up:
                     await self.mailbox.put(puts)
                     # Someone may have connected while we wrote: look again.
-                    sessions.update(await self._lookup_pairs(
-                        {(p.notification.tenant_id, p.user_id) for p in puts}))
+                    sessions.update(await self._lookup(self._by_tenant(
+                        {(p.notification.tenant_id, p.user_id) for p in puts})))
                 else:
                     result.unwritten.extend(puts)
 
@@ -119,7 +144,7 @@ class Router:
                     report.delivered_to += len(found)
                     for node in {s.node_id for s in found}:
                         by_node[node].append(user_id)
-                    if found and self.at_least_once:
+                    if found and self.at_least_once and (n.tenant_id, user_id) not in flagged:
                         delivered_pairs[n.tenant_id].append((user_id, n.id))
                 for node, users in by_node.items():
                     deliveries.append((node, Delivery("users", n, user_ids=tuple(users))))
@@ -141,8 +166,8 @@ class Router:
 
         if tracing_enabled():
             self._trace_routes(batch, live, reports)
-        # The "delivered" marks only depend on the lookup, so they are written while
-        # the deliveries go out: one round trip of latency per batch instead of two.
+        # The "delivered" marks left (users who connected between the two lookups)
+        # only depend on the lookup, so they are written while the deliveries go out.
         marks = [
             self.mailbox.mark_delivered(tenant, pairs)
             for tenant, pairs in (delivered_pairs.items() if mailbox_up else ())
@@ -171,18 +196,18 @@ class Router:
             }):
                 n.trace = carrier()
 
-    async def _lookup(
-        self, batch: Sequence[Accepted], user_items: list[int]
-    ) -> dict[tuple[str, str], list[SessionInfo]]:
-        pairs = {(batch[i][0].tenant_id, u) for i in user_items for u in batch[i][1].user_ids}
-        return await self._lookup_pairs(pairs)
-
-    async def _lookup_pairs(
-        self, pairs: set[tuple[str, str]]
-    ) -> dict[tuple[str, str], list[SessionInfo]]:
+    @staticmethod
+    def _by_tenant(pairs: set[tuple[str, str]]) -> dict[str, list[str]]:
+        """(tenant, user) pairs grouped per tenant, built once per batch and reused by
+        both at-least-once lookups."""
         by_tenant: dict[str, list[str]] = defaultdict(list)
         for tenant, user in sorted(pairs):
             by_tenant[tenant].append(user)
+        return by_tenant
+
+    async def _lookup(
+        self, by_tenant: dict[str, list[str]]
+    ) -> dict[tuple[str, str], list[SessionInfo]]:
         found: dict[tuple[str, str], list[SessionInfo]] = {}
         for tenant, users in by_tenant.items():
             for user, sessions in (await self.sessions.sessions_of(tenant, users)).items():
