@@ -58,10 +58,12 @@ def _router(args: argparse.Namespace) -> int:
     import uvicorn
 
     from router.app import create_router_app
+    from router.cluster import tune_gc
 
     settings = _settings(args)
     _require_cluster(settings)
     setup_tracing("ara-router", settings.otel_enabled)
+    tune_gc()
     uvicorn.run(
         create_router_app(settings), host=settings.server_host, port=settings.server_port,
         log_config=None, access_log=False, lifespan="on",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -56,6 +57,18 @@ BATCH = 500
 MERGE_LIMIT = 500
 MAX_BACKLOG = 10_000
 DEAD_NODE_GRACE = 600.0
+# Routing allocates many short-lived containers per entry (decoded JSON, reports), so
+# the cyclic collector's default gen-0 threshold (700) ran it thousands of times a
+# second; at 100k it cost 15-35 % less CPU per notification in bench/router_throughput.py.
+# Applied by ``tune_gc`` in the router process only (``ara-notify router``).
+GC_GEN0_THRESHOLD = 100_000
+
+
+def tune_gc() -> None:
+    """Fewer cyclic collections for a router process; startup objects are frozen."""
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 # An entry pending this long with any consumer is claimed by the partition's owner: it
 # was read by a router that then lost the lease before routing it (see ``_consume_loop``).
 STALE_PENDING_MS = 10_000
