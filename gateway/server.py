@@ -29,7 +29,6 @@ from starlette.websockets import WebSocket
 
 from common.settings import Settings
 from gateway.fastws import FastWebSocketProtocol, compatible
-from gateway.httpproto import BoundedHttpToolsProtocol
 from gateway.node import GatewayNode
 from gateway.ws import websocket_endpoint
 
@@ -102,8 +101,10 @@ def uvicorn_config(app: Starlette, settings: Settings) -> uvicorn.Config:
         host=settings.server_host,
         port=settings.server_port,
         loop=loop,
-        # httptools, with a request-head bound and a read deadline (gateway/httpproto.py).
-        http=BoundedHttpToolsProtocol,
+        # h11 bounds request lines and headers (431/400 for oversized ones). httptools is
+        # faster per request but, besides accepting heads of any size, lost the drain's
+        # shutdown frames in 1-2 of 5 SIGTERM runs under load (docs/benchmarks.md).
+        http="h11",
         ws=FastWebSocketProtocol if fast else "websockets-sansio",
         interface="asgi3",
         ws_max_size=settings.websocket_max_frame_bytes,
