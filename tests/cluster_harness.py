@@ -410,3 +410,40 @@ class Client:
 
 def api(base: str) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=base, headers={"X-API-Key": API_KEY}, timeout=10)
+
+
+@contextlib.asynccontextmanager
+async def router_in_process(redis_url: str, node_id: str, prefix: str,
+                            partitions: int = 4) -> AsyncIterator[tuple[Any, str]]:
+    """A ``ClusterRouter`` (not started yet) on a throwaway database, and that database's DSN.
+
+    The caller may patch the router before ``start()``; it is stopped on exit if it was
+    started, and the database dropped.
+    """
+    from common.metrics import Metrics
+    from router.cluster import ClusterRouter
+
+    admin = pg_admin_dsn()
+    dsn = await create_database(admin)
+    router: ClusterRouter | None = None
+    try:
+        await migrate(dsn)
+        settings = load_settings(redis_url=redis_url, database_url=dsn, node_id=node_id,
+                                 router_partitions=partitions, redis_key_prefix=prefix,
+                                 jwt_secret="x" * 40)
+        router = ClusterRouter(settings, Metrics())
+        yield router, dsn
+    finally:
+        if router is not None and router._tasks:
+            await router.stop()
+        with contextlib.suppress(Exception):
+            await drop_database(admin, dsn)
+
+
+async def wait_for_partitions(router: Any, count: int, within: float = 15.0) -> None:
+    """Until the router holds ``count`` leases and has claimed what was pending on them."""
+    deadline = time.monotonic() + within
+    while len(router.leases.held()) < count or any(
+            s.claim_needed for s in router.state.values()):
+        assert time.monotonic() < deadline, "router did not take its partitions"
+        await asyncio.sleep(0.05)

@@ -667,67 +667,50 @@ async def test_router_keeps_consuming_after_a_redis_error_while_acknowledging(tm
     partitions nobody read; everything accepted for them afterwards stayed in the stream.
     Here the failure is injected once, deterministically, into an in-process router.
     """
-    from cluster_harness import create_database, drop_database, migrate, pg_admin_dsn
+    from cluster_harness import router_in_process, wait_for_partitions
 
     from common.backends.redis_streams import PartitionProducer, encode_accepted
     from common.errors import BackendUnavailable
-    from common.metrics import Metrics
     from common.protocol import Notification, Target
-    from common.settings import load_settings
-    from router.cluster import ClusterRouter
 
     redis = RedisServer()
     redis.start()
-    admin = pg_admin_dsn()
-    dsn = await create_database(admin)
-    router: ClusterRouter | None = None
     try:
-        await migrate(dsn)
-        settings = load_settings(redis_url=redis.url, database_url=dsn, node_id="r-ack",
-                                 router_partitions=4, redis_key_prefix="ackfail",
-                                 jwt_secret="x" * 40)
-        router = ClusterRouter(settings, Metrics())
-        failures = []
-        real_ack_many = router._ack_many
+        async with router_in_process(redis.url, "r-ack", "ackfail") as (router, dsn):
+            failures = []
+            real_ack_many = router._ack_many
 
-        async def flaky_ack_many(done: Any) -> None:
-            if not failures:
-                failures.append(done)
-                raise BackendUnavailable("redis", "injected: connection reset while acking")
-            await real_ack_many(done)
+            async def flaky_ack_many(done: Any) -> None:
+                if not failures:
+                    failures.append(done)
+                    raise BackendUnavailable("redis", "injected: connection reset while acking")
+                await real_ack_many(done)
 
-        router._ack_many = flaky_ack_many  # type: ignore[method-assign]
-        await router.start()
-        deadline = time.monotonic() + 15
-        while len(router.leases.held()) < 4:
-            assert time.monotonic() < deadline, "router did not take its partitions"
-            await asyncio.sleep(0.1)
-        producer = PartitionProducer(router.redis)
-        ids = []
-        for i in range(3):
-            n = Notification.create("default", "e", {"i": i}, default_ttl=60)
-            ids.append(n.id)
-            await producer.append([(0, encode_accepted(n, Target("user", user_ids=("off",))))])
-            await asyncio.sleep(0.3)
-        conn = await asyncpg.connect(dsn)
-        try:
-            deadline = time.monotonic() + 10
-            while True:
-                rows = await conn.fetch("SELECT notification_id FROM ara_mailbox")
-                left = await router.redis.client.xlen(router.keys.partition(0))
-                if {r["notification_id"] for r in rows} >= set(ids) and left == 0:
-                    break
-                assert time.monotonic() < deadline, (
-                    f"mailbox {len(rows)}/3, {left} entries left in the stream,"
-                    f" consume loop done: {router._tasks[1].done()}")
-                await asyncio.sleep(0.1)
-        finally:
-            await conn.close()
-        assert failures, "the injected failure never happened"
-        assert not router._tasks[1].done(), "the consume loop ended"
+            router._ack_many = flaky_ack_many  # type: ignore[method-assign]
+            await router.start()
+            await wait_for_partitions(router, 4)
+            producer = PartitionProducer(router.redis)
+            ids = []
+            for i in range(3):
+                n = Notification.create("default", "e", {"i": i}, default_ttl=60)
+                ids.append(n.id)
+                await producer.append([(0, encode_accepted(n, Target("user", user_ids=("off",))))])
+                await asyncio.sleep(0.3)
+            conn = await asyncpg.connect(dsn)
+            try:
+                deadline = time.monotonic() + 10
+                while True:
+                    rows = await conn.fetch("SELECT notification_id FROM ara_mailbox")
+                    left = await router.redis.client.xlen(router.keys.partition(0))
+                    if {r["notification_id"] for r in rows} >= set(ids) and left == 0:
+                        break
+                    assert time.monotonic() < deadline, (
+                        f"mailbox {len(rows)}/3, {left} entries left in the stream,"
+                        f" consume loop done: {router._tasks[1].done()}")
+                    await asyncio.sleep(0.1)
+            finally:
+                await conn.close()
+            assert failures, "the injected failure never happened"
+            assert not router._tasks[1].done(), "the consume loop ended"
     finally:
-        if router is not None:
-            await router.stop()
         redis.stop()
-        with contextlib.suppress(Exception):
-            await drop_database(admin, dsn)

@@ -9,21 +9,17 @@ partition go sat in its pending list with nobody to route them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-from cluster_harness import RedisServer, create_database, drop_database, migrate, pg_admin_dsn
+from cluster_harness import RedisServer, router_in_process, wait_for_partitions
 
 import router.cluster as router_cluster
 from common.backends.redis_client import RedisHandle
 from common.backends.redis_streams import GROUP, PartitionProducer, encode_accepted
-from common.metrics import Metrics
 from common.protocol import Notification, Target
-from common.settings import load_settings
-from router.cluster import ClusterRouter
 from router.leases import Leases
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(60)]
@@ -65,20 +61,9 @@ async def test_entries_a_dead_reader_left_pending_are_claimed_by_the_owner(
 ) -> None:
     monkeypatch.setattr(router_cluster, "STALE_PENDING_MS", 500)
     monkeypatch.setattr(router_cluster, "STALE_SWEEP_SECONDS", 0.5)
-    admin = pg_admin_dsn()
-    dsn = await create_database(admin)
-    router: ClusterRouter | None = None
-    try:
-        await migrate(dsn)
-        settings = load_settings(redis_url=redis_server.url, database_url=dsn, node_id="r-own",
-                                 router_partitions=4, redis_key_prefix="stale",
-                                 jwt_secret="x" * 40)
-        router = ClusterRouter(settings, Metrics())
+    async with router_in_process(redis_server.url, "r-own", "stale") as (router, dsn):
         await router.start()
-        deadline = time.monotonic() + 15
-        while len(router.leases.held()) < 4 or any(s.claim_needed for s in router.state.values()):
-            assert time.monotonic() < deadline, "router did not take its partitions"
-            await asyncio.sleep(0.05)
+        await wait_for_partitions(router, 4)
 
         n = Notification.create("default", "e", {"i": 1}, default_ttl=60)
         key = router.keys.partition(0)
@@ -102,8 +87,3 @@ async def test_entries_a_dead_reader_left_pending_are_claimed_by_the_owner(
         assert router.metrics.router_claimed._value.get() >= 1
         pending = await router.redis.client.xpending(key, GROUP)
         assert pending["pending"] == 0
-    finally:
-        if router is not None:
-            await router.stop()
-        with contextlib.suppress(Exception):
-            await drop_database(admin, dsn)
