@@ -23,6 +23,7 @@ from common.backends.postgres import (
 )
 from common.backends.redis_client import RedisHandle
 from common.backends.redis_dispatch import ClusterDispatcher
+from common.backends.redis_lane import stream_entries
 from common.backends.redis_limits import RedisIdempotencyStore, RedisRateLimiter
 from common.backends.redis_sessions import LocalView, RedisSessionStore
 from common.backends.redis_stats import RedisStats
@@ -36,6 +37,7 @@ from gateway.node import Backends
 log = logging.getLogger("ara.gateway.cluster")
 
 HEARTBEAT_SECONDS = 2.0
+READ_BLOCK_MS = 1000
 TTL_REFRESH_SECONDS = 60.0
 
 
@@ -57,6 +59,7 @@ class GatewayLoops:
         self.metrics = metrics
         self.node_id = settings.node_id
         self.stream = handle.keys.node_stream(settings.node_id)
+        self.reads = handle.blocking_lane(READ_BLOCK_MS / 1000)
         self.started_at = time.time()
         self._tasks: list[asyncio.Task[None]] = []
         self.stopping = False
@@ -104,9 +107,9 @@ class GatewayLoops:
         trimmed = 0
         while not self.stopping:
             try:
-                response = await self.redis.blocking.xread(
-                    {self.stream: last}, count=1000, block=1000
-                )
+                (reply,) = await self.redis.execute(
+                    [("XREAD", "COUNT", 1000, "BLOCK", READ_BLOCK_MS, "STREAMS", self.stream,
+                      last)], lane=self.reads)
                 backoff = 0.1
             except asyncio.CancelledError:
                 raise
@@ -115,12 +118,11 @@ class GatewayLoops:
                 await asyncio.sleep(backoff)
                 backoff = min(2.0, backoff * 2)
                 continue
-            batches: Any = response or []
-            for _, entries in batches:
+            for _, entries in stream_entries(reply):
                 for entry_id, fields in entries:
                     last = entry_id
                     try:
-                        delivery = decode_delivery(fields[b"d"])
+                        delivery = decode_delivery(fields[b"d"])  # type: ignore[index]
                     except Exception:
                         log.exception("dropping undecodable delivery %r", entry_id)
                         continue

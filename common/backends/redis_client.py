@@ -12,14 +12,16 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from common.backends.redis_lane import Command, RedisLane
 from common.errors import BackendUnavailable
 
 log = logging.getLogger("ara.redis")
@@ -143,6 +145,8 @@ class RedisHandle:
     """One Redis client, its keys and its breaker, shared by the Redis backends."""
 
     def __init__(self, url: str, prefix: str, timeout: float = 1.0) -> None:
+        self.url = url
+        self._lanes: list[RedisLane] = []
         self.client: aioredis.Redis = aioredis.Redis.from_url(
             url,
             socket_connect_timeout=timeout,
@@ -160,6 +164,9 @@ class RedisHandle:
             retry_on_timeout=False,
             decode_responses=False,
         )
+        # The per-notification commands (accept, route, deliver) go through lanes.
+        self.lane = RedisLane(url, timeout)
+        self.timeout = timeout
         self.keys = Keys(prefix)
         self.breaker = CircuitBreaker("redis")
 
@@ -169,12 +176,42 @@ class RedisHandle:
             return await self.breaker.call(lambda: operation(self.client))
         except BackendUnavailable:
             if was_healthy:
-                # Redis just went away. Idle pooled connections still point at the old
-                # server; left alone, each would fail once after Redis is back and reopen
-                # the breaker, so REST would flap between 200 and 503 for seconds.
-                with contextlib.suppress(Exception):
-                    await self.client.connection_pool.disconnect(inuse_connections=False)
+                await self._forget_connections()
             raise
+
+    async def execute(self, commands: Sequence[Command], lane: RedisLane | None = None,
+                      raise_on_error: bool = True) -> list[Any]:
+        """Commands in one round trip on a lane (default: the shared one), behind the
+        breaker; raw replies in order. An error reply raises ``ResponseError`` after
+        all of them have run, as a redis-py pipeline does, unless ``raise_on_error``
+        is False: then it is left in the list."""
+        was_healthy = self.breaker.healthy
+        try:
+            replies = await self.breaker.call(
+                lambda: (lane or self.lane).execute(commands))
+        except BackendUnavailable:
+            if was_healthy:
+                await self._forget_connections()
+            raise
+        if raise_on_error:
+            for reply in replies:
+                if isinstance(reply, ResponseError):
+                    raise reply
+        return replies
+
+    def blocking_lane(self, block_seconds: float) -> RedisLane:
+        """A lane of its own for one consumer's blocking reads (``XREAD BLOCK``...)."""
+        lane = RedisLane(self.url, self.timeout + block_seconds, blocking=True)
+        self._lanes.append(lane)
+        return lane
+
+    async def _forget_connections(self) -> None:
+        # Redis just went away. Idle pooled connections still point at the old
+        # server; left alone, each would fail once after Redis is back and reopen
+        # the breaker, so REST would flap between 200 and 503 for seconds.
+        self.lane.reset()
+        with contextlib.suppress(Exception):
+            await self.client.connection_pool.disconnect(inuse_connections=False)
 
     async def ping(self) -> dict[str, Any]:
         started = time.monotonic()
@@ -182,5 +219,7 @@ class RedisHandle:
         return {"status": "up", "latency_ms": round((time.monotonic() - started) * 1000, 2)}
 
     async def close(self) -> None:
+        for lane in (self.lane, *self._lanes):
+            await lane.close()
         await self.client.aclose()
         await self.blocking.aclose()

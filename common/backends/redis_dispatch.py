@@ -8,9 +8,9 @@ that owns the partition, in stream order.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
 
 from common.backends.base import RouteReport, UserOutcome
+from common.backends.redis_lane import pairs_to_dict
 from common.backends.redis_sessions import (
     RedisSessionStore,
     parse_channel_nodes,
@@ -74,15 +74,10 @@ class ClusterDispatcher:
             names = []
             reads = [keys.tenant_conns(n.tenant_id)]
 
-        async def op(r: Any) -> Any:
-            async with r.pipeline(transaction=False) as pipe:
-                self.sessions.queue_live_read(pipe)
-                for key in reads:
-                    pipe.hgetall(key)
-                self.producer.queue(pipe, entries)
-                return await pipe.execute()
-
-        members, *rows = (await self.sessions.redis.run(op))[:len(reads) + 1]
+        commands = [self.sessions.live_read_command(), *(("HGETALL", key) for key in reads),
+                    *self.producer.commands(entries)]
+        members, *replies = (await self.sessions.redis.execute(commands))[:len(reads) + 1]
+        rows = [pairs_to_dict(reply) for reply in replies]
         return self._report(n, target, names, rows, parse_live(members))
 
     def _report(

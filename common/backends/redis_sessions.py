@@ -19,6 +19,7 @@ from typing import Any
 from common import jsoncodec
 from common.backends.base import SessionInfo
 from common.backends.redis_client import RedisHandle
+from common.backends.redis_lane import Command, pairs_to_dict
 from common.errors import BackendUnavailable
 
 NODE_TTL = 6.0
@@ -230,9 +231,9 @@ class RedisSessionStore:
     def forget_live_cache(self) -> None:
         self._live_cache = (0.0, set())
 
-    def queue_live_read(self, pipe: Any) -> None:
-        """Add the read of the live gateways to a pipeline (see ``parse_live``)."""
-        pipe.zrangebyscore(self.keys.nodes, time.time() - NODE_TTL, "+inf")
+    def live_read_command(self) -> Command:
+        """The read of the live gateways as a raw command (see ``parse_live``)."""
+        return ("ZRANGEBYSCORE", self.keys.nodes, repr(time.time() - NODE_TTL), "+inf")
 
     async def _hgetall_many(self, keys: list[str]) -> tuple[list[dict[bytes, bytes]], set[str]]:
         """``HGETALL`` of several hashes, and the live gateways, in one round trip.
@@ -243,17 +244,11 @@ class RedisSessionStore:
         live set older than that would drop its sessions for up to the cache's age.
         """
 
-        async def op(r: Any) -> Any:
-            async with r.pipeline(transaction=False) as pipe:
-                self.queue_live_read(pipe)
-                for key in keys:
-                    pipe.hgetall(key)
-                return await pipe.execute()
-
-        members, *rows = await self.redis.run(op)
+        members, *replies = await self.redis.execute(
+            [self.live_read_command(), *(("HGETALL", key) for key in keys)])
         live = parse_live(members)
         self._live_cache = (time.monotonic(), live)
-        return rows, live
+        return [pairs_to_dict(reply) for reply in replies], live
 
     async def sessions_of(
         self, tenant_id: str, user_ids: Sequence[str]
@@ -348,7 +343,7 @@ class RedisSessionStore:
 
 
 def parse_live(members: Sequence[bytes | str]) -> set[str]:
-    """Node ids from the ``nodes`` sorted-set range read by ``queue_live_read``."""
+    """Node ids from the ``nodes`` sorted-set range read by ``live_read_command``."""
     return {_decode(n) for n in members}
 
 

@@ -17,6 +17,7 @@ import orjson
 from common import jsoncodec
 from common.backends.base import Delivery
 from common.backends.redis_client import RedisHandle
+from common.backends.redis_lane import Command
 from common.protocol import Notification, Target
 
 GROUP = "routers"
@@ -60,18 +61,13 @@ class PartitionProducer:
         self.redis = handle
 
     async def append(self, entries: Sequence[tuple[int, bytes]]) -> None:
-        async def op(r: Any) -> None:
-            async with r.pipeline(transaction=False) as pipe:
-                self.queue(pipe, entries)
-                await pipe.execute()
+        await self.redis.execute(self.commands(entries))
 
-        await self.redis.run(op)
-
-    def queue(self, pipe: Any, entries: Sequence[tuple[int, bytes]]) -> None:
-        """Add the appends to a pipeline the caller executes (with its own commands)."""
+    def commands(self, entries: Sequence[tuple[int, bytes]]) -> list[Command]:
+        """The appends as raw commands, for a lane round trip the caller makes."""
         keys = self.redis.keys
-        for partition, payload in entries:
-            pipe.xadd(keys.partition(partition), {b"e": payload})
+        return [("XADD", keys.partition(partition), "*", "e", payload)
+                for partition, payload in entries]
 
 
 # Appends ARGV[2..] to the stream KEYS[1] in order, each as an entry {d: payload},
@@ -107,15 +103,12 @@ class RedisNodeDelivery:
                 payload = encoded[id(delivery)] = encode_delivery(delivery)
             by_node.setdefault(node_id, []).append(payload)
 
-        async def op(r: Any) -> None:
-            async with r.pipeline(transaction=False) as pipe:
-                for node_id, payloads in by_node.items():
-                    if len(payloads) == 1:
-                        pipe.xadd(keys.node_stream(node_id), {b"d": payloads[0]},
-                                  maxlen=NODE_STREAM_MAXLEN, approximate=True)
-                    else:
-                        pipe.eval(XADD_MANY, 1, keys.node_stream(node_id),
-                                  NODE_STREAM_MAXLEN, *payloads)
-                await pipe.execute()
-
-        await self.redis.run(op)
+        commands: list[Command] = []
+        for node_id, payloads in by_node.items():
+            if len(payloads) == 1:
+                commands.append(("XADD", keys.node_stream(node_id), "MAXLEN", "~",
+                                 NODE_STREAM_MAXLEN, "*", "d", payloads[0]))
+            else:
+                commands.append(("EVAL", XADD_MANY, 1, keys.node_stream(node_id),
+                                 NODE_STREAM_MAXLEN, *payloads))
+        await self.redis.execute(commands)
