@@ -317,8 +317,13 @@ def percentile(values: Sequence[float], q: float) -> float:
 # -- profiling ------------------------------------------------------------------------
 
 
-def start_profiler(server: Server, label: str) -> subprocess.Popen[bytes] | None:
-    """py-spy the server (collapsed stacks, for ``bench/profile_report.py``), if installed."""
+def start_profiler(server: Server, label: str,
+                   gil_only: bool = False) -> subprocess.Popen[bytes] | None:
+    """py-spy the server (collapsed stacks, for ``bench/profile_report.py``), if installed.
+
+    ``gil_only`` samples only while the GIL is held: under uvloop an idle process waits in
+    C code that py-spy cannot tell from work, so without it a lightly loaded server's
+    profile is mostly its event loop sleeping."""
     spy = shutil.which("py-spy")
     if spy is None:
         print("py-spy not installed; no profile", file=sys.stderr)
@@ -327,7 +332,7 @@ def start_profiler(server: Server, label: str) -> subprocess.Popen[bytes] | None
     out.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(
         [spy, "record", "--pid", str(server.pid), "--rate", "250", "--format", "raw",
-         "--nonblocking", "-o", str(out / f"{label}.txt")],
+         "--nonblocking", *(["--gil"] if gil_only else []), "-o", str(out / f"{label}.txt")],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
 
@@ -401,8 +406,12 @@ def start_cluster_process(procs: Processes, kind: str, node_id: str, redis_url: 
                           prefix: str, core: int | None = SERVER_CORE, **extra: str) -> Server:
     port = free_port()
     env = cluster_env(port, node_id, redis_url, dsn, prefix, **extra)
-    return procs.start(node_id, [sys.executable, "-m", "common.cli", kind], env=env, port=port,
-                       core=core)
+    command = [sys.executable, "-m", "common.cli", kind]
+    cprofile_dir = os.environ.get("ARA_BENCH_CPROFILE_DIR")
+    if cprofile_dir:  # CPU-time attribution, see bench/_cprofile_run.py
+        command = [sys.executable, str(BENCH / "_cprofile_run.py"),
+                   str(Path(cprofile_dir) / f"{node_id}.prof"), "common.cli", kind]
+    return procs.start(node_id, command, env=env, port=port, core=core)
 
 
 def wait_http_ok(port: int, path: str, timeout: float = 30.0) -> None:

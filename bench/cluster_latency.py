@@ -55,7 +55,9 @@ from bench._common import (
     ratio,
     start_bare,
     start_cluster_process,
+    start_profiler,
     start_redis,
+    stop_profiler,
     token,
     wait_http_ok,
     write_result,
@@ -190,10 +192,15 @@ async def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
             for rate in args.rates:
                 rec.latencies, sender.rest_latencies = [], []
                 rec.recording = True
+                spies = [start_profiler(s, f"cluster_{rate}_{s.name}", gil_only=True)
+                         for s in (*gws, router)] if args.profile else []
                 cpu0 = {s.name: s.cpu() for s in (*gws, router, redis)}
                 t0 = time.monotonic()
                 sent, lag = await drive(sender, rate, args.seconds, args.users)
                 await asyncio.sleep(1.0)
+                for spy in spies:
+                    if spy is not None:
+                        stop_profiler(spy)
                 rec.recording = False
                 wall = time.monotonic() - t0
                 result = summarise(rec.latencies, sent)
@@ -286,6 +293,9 @@ def main() -> None:
     parser.add_argument("--http-conns", type=int, default=16, help="per gateway")
     parser.add_argument("--pg-sync-commit", choices=("on", "off"), default="off",
                         help="synchronous_commit of the benchmark database (see docs)")
+    parser.add_argument("--profile", action="store_true",
+                        help="py-spy (--gil) the gateways and the router over each rate's window "
+                             "(bench/results/profiles/cluster_<rate>_<process>.txt)")
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
     args.rates = [int(r) for r in str(args.rates).split(",")]
