@@ -279,11 +279,11 @@ class ClusterRouter:
                 async with self.lock:
                     # Held again, now: a lease may have lapsed during the claims above.
                     # (Built once per read, so it is kept cheap: 64+ partitions.)
-                    state, names = self.state, self._stream_names
+                    states, names = self.state, self._stream_names
                     streams = [
                         names.get(p) or self._stream_name(p)
                         for p in self.leases.held()
-                        if p in state and len(state[p].backlog_puts) < MAX_BACKLOG
+                        if p in states and len(states[p].backlog_puts) < MAX_BACKLOG
                     ]
                     response = await self._read(streams)
                     failed = await self._route_read(response)
