@@ -57,8 +57,8 @@ def _gateway(args: argparse.Namespace) -> int:
 def _router(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from common.gctune import tune_gc
     from router.app import create_router_app
-    from router.cluster import tune_gc
 
     settings = _settings(args)
     _require_cluster(settings)

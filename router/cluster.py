@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -59,18 +58,6 @@ READ_BLOCK_MS = 200
 MERGE_LIMIT = 500
 MAX_BACKLOG = 10_000
 DEAD_NODE_GRACE = 600.0
-# Routing allocates many short-lived containers per entry (decoded JSON, reports), so
-# the cyclic collector's default gen-0 threshold (700) ran it thousands of times a
-# second; at 100k it cost 15-35 % less CPU per notification in bench/router_throughput.py.
-# Applied by ``tune_gc`` in the router process only (``ara-notify router``).
-GC_GEN0_THRESHOLD = 100_000
-
-
-def tune_gc() -> None:
-    """Fewer cyclic collections for a router process; startup objects are frozen."""
-    gc.freeze()
-    _, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 # An entry pending this long with any consumer is claimed by the partition's owner: it
 # was read by a router that then lost the lease before routing it (see ``_consume_loop``).
 STALE_PENDING_MS = 10_000
@@ -106,6 +93,7 @@ class ClusterRouter:
         self.state: dict[int, PartitionState] = {}
         self.reads = self.redis.blocking_lane(READ_BLOCK_MS / 1000)
         self._stream_names: dict[int, str] = {}
+        self.linger = settings.router_batch_linger_ms / 1000
         # Routed entries whose XACK/XDEL rides with the next read (one round trip less
         # per batch); flushed before a lease is given back or the router leaves.
         self.unacked: list[tuple[int, list[bytes]]] = []
@@ -288,6 +276,11 @@ class ClusterRouter:
                     response = await self._read(streams)
                     failed = await self._route_read(response)
                 backoff = 0.05
+                if response and self.linger:
+                    # Traffic is flowing: let the next batch gather. Every batch costs a
+                    # read over all held partitions, two lookups, a mailbox write and the
+                    # appends, whatever its size (ROUTER_BATCH_LINGER_MS, operations.md).
+                    await asyncio.sleep(self.linger)
                 if not streams:
                     await asyncio.sleep(0.2)
                 elif failed:

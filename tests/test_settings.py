@@ -42,6 +42,7 @@ def test_defaults_match_the_documented_values() -> None:
     assert (s.server_host, s.server_port) == ("0.0.0.0", 8081)
     assert s.run_mode == "development"
     assert s.router_partitions == 64
+    assert s.router_batch_linger_ms == 1.0
     assert s.queue_enabled is True
     assert s.queue_max_size_per_user == 100
     assert s.queue_message_ttl_seconds == 3600
