@@ -78,6 +78,12 @@ class RedisLane:
 
     async def _execute(self, commands: Sequence[Command]) -> list[Any]:
         conn = self._conn if self._conn is not None else await self._connect()
+        if not conn.is_connected:
+            # Dropped under the reader (which resets the lane in a moment); redis-py would
+            # quietly reconnect it on write, out of step with the lane's reader.
+            error = RedisConnectionError("Redis connection lost")
+            self._reset(error)
+            raise error
         payload = b"".join([hiredis.pack_command(tuple(c)) for c in commands])  # type: ignore[arg-type]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
