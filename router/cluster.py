@@ -258,8 +258,8 @@ class ClusterRouter:
                 for p in held:
                     if self.state[p].claim_needed:
                         await self._claim(p)
-                    elif sweep:
-                        await self._claim(p, min_idle_ms=STALE_PENDING_MS)
+                if sweep:
+                    await self._sweep_stale(held)
                 await self._retry_backlogs()
                 # The read and the routing of what it returns hold the lock, so a
                 # partition cannot be released between them: entries read for a
@@ -369,6 +369,25 @@ class ClusterRouter:
                     self.state[p].claim_needed = True
             return True
         return False
+
+    async def _sweep_stale(self, held: list[int]) -> None:
+        """Claim what has sat too long in anyone's pending list, on every held partition.
+
+        One read-only ``XPENDING … IDLE`` probe per partition, all in one round trip;
+        only partitions that have such an entry are claimed. (Claiming every partition
+        in turn took 64 round trips under the lock every 5 s: a ~20 ms stall of the
+        consume loop that showed in the latency tail.)
+        """
+        parts = [p for p in held if p in self.state and not self.state[p].claim_needed]
+        if not parts:
+            return
+        replies = await self.redis.execute(
+            [("XPENDING", self._stream_names.get(p) or self._stream_name(p), GROUP,
+              "IDLE", STALE_PENDING_MS, "-", "+", 1) for p in parts],
+            raise_on_error=False)
+        for p, reply in zip(parts, replies, strict=True):
+            if reply and not isinstance(reply, Exception):
+                await self._claim(p, min_idle_ms=STALE_PENDING_MS)
 
     async def _claim(self, p: int, min_idle_ms: int = 0) -> None:
         """Take over and route the partition's pending entries.
