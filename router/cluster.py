@@ -212,13 +212,9 @@ class ClusterRouter:
         if not held:
             return
 
-        async def op(r: Any) -> Any:
-            async with r.pipeline(transaction=False) as pipe:
-                for p in held:
-                    pipe.xlen(self.keys.partition(p))
-                return await pipe.execute()
-
-        for p, length in zip(held, await self.redis.run(op), strict=True):
+        lengths = await self.redis.execute(
+            [("XLEN", self._stream_names.get(p) or self._stream_name(p)) for p in held])
+        for p, length in zip(held, lengths, strict=True):
             self.metrics.router_lag.labels(str(p)).set(length)
 
     async def _ensure_groups(self) -> None:

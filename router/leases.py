@@ -80,13 +80,11 @@ class Leases:
             return []
         started = time.monotonic()
 
-        async def op(r: Any) -> Any:
-            async with r.pipeline(transaction=False) as pipe:
-                for p in partitions:
-                    pipe.eval(RENEW, 1, self.redis.keys.lease(p), self.owner, self.ttl_ms)
-                return await pipe.execute()
-
-        results = await self.redis.run(op)
+        # Every second, one script call per held partition: on a lane, hiredis packs
+        # them (redis-py's pipeline packed 64 in Python, a ~1 ms pause of the loop).
+        keys = self.redis.keys
+        results = await self.redis.execute(
+            [("EVAL", RENEW, 1, keys.lease(p), self.owner, self.ttl_ms) for p in partitions])
         lost = []
         for p, ok in zip(partitions, results, strict=True):
             if ok:
