@@ -2,7 +2,13 @@
 
 uvicorn's own shutdown closes sockets before the app can speak, so the
 first SIGTERM/SIGINT is caught here: the node drains (``shutdown`` frames,
-close 1001, ``/ready`` 503), then uvicorn is told to exit.
+close 1001, ``/ready`` 503), the clients' close replies are awaited (a
+socket cut before the client has read its close frame can lose both frames;
+``DrainingServer._await_close_replies``), then uvicorn is told to exit.
+
+HTTP runs on uvicorn's httptools protocol behind
+``gateway.httpproto.BoundedHttpToolsProtocol`` (a request-head bound and a
+read deadline).
 
 The hot path of ``/ws`` is shortened here too (docs/benchmarks.md has the
 figures): WebSockets use ``gateway.fastws.FastWebSocketProtocol`` (uvicorn's
@@ -29,6 +35,7 @@ from starlette.websockets import WebSocket
 
 from common.settings import Settings
 from gateway.fastws import FastWebSocketProtocol, compatible
+from gateway.httpproto import BoundedHttpToolsProtocol
 from gateway.node import GatewayNode
 from gateway.ws import websocket_endpoint
 
@@ -59,13 +66,47 @@ class DrainingServer(uvicorn.Server):
             self._drain_task = asyncio.get_running_loop().create_task(self._drain())
 
     async def _drain(self) -> None:
+        window = self.node.settings.drain_timeout_seconds
         try:
-            await asyncio.wait_for(
-                self.node.drain(), timeout=self.node.settings.drain_timeout_seconds + 10
-            )
+            await asyncio.wait_for(self.node.drain(), timeout=window + 10)
         except Exception:
             log.exception("drain did not finish cleanly")
+        await self._await_close_replies(within=max(1.0, window))
         self.should_exit = True
+
+    def _closing_websockets(self) -> int:
+        """WebSockets whose close frame is sent and whose peer has not answered yet."""
+        return sum(
+            1
+            for protocol in self.server_state.connections
+            if getattr(protocol, "close_sent", False)
+            and not getattr(protocol, "disconnected", True)
+        )
+
+    async def _await_close_replies(self, within: float) -> None:
+        """Let every client answer its close frame before uvicorn's shutdown runs.
+
+        ``node.drain()`` returns once the ``shutdown`` and close frames are written,
+        not once the clients have read them. uvicorn's ``Server.shutdown()`` then calls
+        ``shutdown()`` on each protocol, which for a WebSocket whose close frame is sent
+        closes the TCP connection at once instead of waiting for the peer's close frame.
+        A client that is behind (still reading queued notifications and ACKing them)
+        then writes to a fully closed socket, gets a reset, and its WebSocket library
+        drops everything still unread, the ``shutdown`` and close frames included: the
+        client sees 1006 and no ``shutdown`` frame. The peer's close frame makes uvicorn
+        close the connection itself (and remove it from ``server_state.connections``);
+        a client that has not answered within ``within`` seconds is cut by the shutdown.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while self._closing_websockets():
+            if loop.time() >= deadline:
+                log.warning(
+                    "%d clients did not answer their close frame within %.0f s; closing",
+                    self._closing_websockets(), within,
+                )
+                return
+            await asyncio.sleep(0.02)
 
 
 class DirectWebSocketRoute:
@@ -101,10 +142,8 @@ def uvicorn_config(app: Starlette, settings: Settings) -> uvicorn.Config:
         host=settings.server_host,
         port=settings.server_port,
         loop=loop,
-        # h11 bounds request lines and headers (431/400 for oversized ones). httptools is
-        # faster per request but, besides accepting heads of any size, lost the drain's
-        # shutdown frames in 1-2 of 5 SIGTERM runs under load (docs/benchmarks.md).
-        http="h11",
+        # httptools, with a request-head bound and a read deadline (gateway/httpproto.py).
+        http=BoundedHttpToolsProtocol,
         ws=FastWebSocketProtocol if fast else "websockets-sansio",
         interface="asgi3",
         ws_max_size=settings.websocket_max_frame_bytes,
