@@ -55,6 +55,7 @@ LEASE_TTL = 5.0
 TICK = 1.0
 BATCH = 500
 READ_BLOCK_MS = 200
+LINGER_BELOW = 100  # entries: a read at least this large is not followed by the linger
 MERGE_LIMIT = 500
 MAX_BACKLOG = 10_000
 DEAD_NODE_GRACE = 600.0
@@ -272,10 +273,12 @@ class ClusterRouter:
                     response = await self._read(streams)
                     failed = await self._route_read(response)
                 backoff = 0.05
-                if response and self.linger:
-                    # Traffic is flowing: let the next batch gather. Every batch costs a
-                    # read over all held partitions, two lookups, a mailbox write and the
-                    # appends, whatever its size (ROUTER_BATCH_LINGER_MS, operations.md).
+                if response and self.linger and (
+                        sum(len(entries) for _, entries in response) < LINGER_BELOW):
+                    # Traffic is flowing in small batches: let the next one gather. Every
+                    # batch costs a read over all held partitions, two lookups, a mailbox
+                    # write and the appends, whatever its size (ROUTER_BATCH_LINGER_MS,
+                    # operations.md). A backlog is read in full batches without a pause.
                     await asyncio.sleep(self.linger)
                 if not streams:
                     await asyncio.sleep(0.2)
