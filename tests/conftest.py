@@ -536,6 +536,20 @@ async def server_factory(tmp_path: Path) -> AsyncIterator[ServerFactory]:
 
 
 @pytest.fixture
+def redis_server() -> Iterator[Any]:
+    """A private redis-server on a free port (``cluster_harness.RedisServer``) that the
+    test may kill, stop or restart; stopped by its PID at teardown."""
+    from cluster_harness import RedisServer
+
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
 async def server(server_factory: ServerFactory) -> EmbeddedServer:
     """One embedded server with test defaults."""
     return await server_factory()

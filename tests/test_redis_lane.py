@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 from cluster_harness import RedisServer
@@ -21,16 +20,6 @@ from common.backends.redis_lane import RedisLane, pairs_to_dict, stream_entries
 from common.errors import BackendUnavailable
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(60)]
-
-
-@pytest.fixture
-async def redis_server() -> AsyncIterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def test_concurrent_callers_each_get_their_own_replies_in_order(

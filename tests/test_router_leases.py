@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -23,16 +22,6 @@ from common.protocol import Notification, Target
 from router.leases import Leases
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(60)]
-
-
-@pytest.fixture
-async def redis_server() -> AsyncIterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def test_suspended_leases_are_not_held_until_renewed_and_lost_if_redis_was_emptied(
