@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 from cluster_harness import RedisServer
@@ -22,32 +23,31 @@ from common.errors import BackendUnavailable
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(60)]
 
 
-async def test_concurrent_callers_each_get_their_own_replies_in_order(
-    redis_server: RedisServer,
-) -> None:
-    lane = RedisLane(redis_server.url)
+@pytest.fixture
+async def lane(redis_server: RedisServer) -> AsyncIterator[RedisLane]:
+    lane = RedisLane(redis_server.url, timeout=1.0)
     try:
-        async def caller(i: int) -> list[object]:
-            return await lane.execute([("SET", f"k{i}", i), ("INCR", f"k{i}"), ("GET", f"k{i}")])
-
-        results = await asyncio.gather(*(caller(i) for i in range(300)))
-        for i, replies in enumerate(results):
-            assert replies[1:] == [i + 1, str(i + 1).encode()]
+        yield lane
     finally:
         await lane.close()
+
+
+async def test_concurrent_callers_each_get_their_own_replies_in_order(lane: RedisLane) -> None:
+    async def caller(i: int) -> list[object]:
+        return await lane.execute([("SET", f"k{i}", i), ("INCR", f"k{i}"), ("GET", f"k{i}")])
+
+    results = await asyncio.gather(*(caller(i) for i in range(300)))
+    for i, replies in enumerate(results):
+        assert replies[1:] == [i + 1, str(i + 1).encode()]
 
 
 async def test_an_error_reply_is_returned_in_place_and_the_lane_stays_in_step(
-    redis_server: RedisServer,
+    lane: RedisLane,
 ) -> None:
-    lane = RedisLane(redis_server.url)
-    try:
-        replies = await lane.execute([("SET", "s", "x"), ("INCR", "s"), ("GET", "s")])
-        assert isinstance(replies[1], ResponseError)
-        assert replies[2] == b"x"
-        assert await lane.execute([("PING",)]) == [b"PONG"]
-    finally:
-        await lane.close()
+    replies = await lane.execute([("SET", "s", "x"), ("INCR", "s"), ("GET", "s")])
+    assert isinstance(replies[1], ResponseError)
+    assert replies[2] == b"x"
+    assert await lane.execute([("PING",)]) == [b"PONG"]
 
 
 async def test_the_handle_raises_error_replies_unless_asked_to_keep_them(
@@ -64,42 +64,32 @@ async def test_the_handle_raises_error_replies_unless_asked_to_keep_them(
         await handle.close()
 
 
-async def test_replies_are_shaped_like_redis_py_for_hashes_and_streams(
-    redis_server: RedisServer,
-) -> None:
-    lane = RedisLane(redis_server.url)
-    try:
-        await lane.execute([("HSET", "h", "a", "1", "b", "2"), ("XADD", "st", "1-1", "e", "v")])
-        (row, empty, streams) = await lane.execute(
-            [("HGETALL", "h"), ("HGETALL", "none"), ("XREAD", "STREAMS", "st", "0")])
-        assert pairs_to_dict(row) == {b"a": b"1", b"b": b"2"}
-        assert pairs_to_dict(empty) == {}
-        assert stream_entries(streams) == [(b"st", [(b"1-1", {b"e": b"v"})])]
-        # RESP2 shapes, as a server without HELLO 3 would send them
-        assert pairs_to_dict([b"a", b"1"]) == {b"a": b"1"}
-        assert stream_entries([[b"st", [[b"1-1", [b"e", b"v"]], [b"1-2", None]]]]) == [
-            (b"st", [(b"1-1", {b"e": b"v"}), (b"1-2", None)])]
-    finally:
-        await lane.close()
+async def test_replies_are_shaped_like_redis_py_for_hashes_and_streams(lane: RedisLane) -> None:
+    await lane.execute([("HSET", "h", "a", "1", "b", "2"), ("XADD", "st", "1-1", "e", "v")])
+    (row, empty, streams) = await lane.execute(
+        [("HGETALL", "h"), ("HGETALL", "none"), ("XREAD", "STREAMS", "st", "0")])
+    assert pairs_to_dict(row) == {b"a": b"1", b"b": b"2"}
+    assert pairs_to_dict(empty) == {}
+    assert stream_entries(streams) == [(b"st", [(b"1-1", {b"e": b"v"})])]
+    # RESP2 shapes, as a server without HELLO 3 would send them
+    assert pairs_to_dict([b"a", b"1"]) == {b"a": b"1"}
+    assert stream_entries([[b"st", [[b"1-1", [b"e", b"v"]], [b"1-2", None]]]]) == [
+        (b"st", [(b"1-1", {b"e": b"v"}), (b"1-2", None)])]
 
 
 async def test_a_killed_server_fails_calls_in_flight_and_the_lane_reconnects_after(
-    redis_server: RedisServer,
+    lane: RedisLane, redis_server: RedisServer,
 ) -> None:
-    lane = RedisLane(redis_server.url, timeout=1.0)
-    try:
-        await lane.execute([("SET", "a", 1)])
-        blocked = asyncio.ensure_future(lane.execute([("BLPOP", "never", 0)]))
-        await asyncio.sleep(0.1)
-        redis_server.kill()
-        with pytest.raises((RedisConnectionError, RedisTimeoutError)):
-            await asyncio.wait_for(blocked, 5)
-        with pytest.raises((RedisConnectionError, RedisTimeoutError, OSError)):
-            await lane.execute([("PING",)])
-        redis_server.start()
-        assert await lane.execute([("SET", "b", 2), ("GET", "b")]) == [b"OK", b"2"]
-    finally:
-        await lane.close()
+    await lane.execute([("SET", "a", 1)])
+    blocked = asyncio.ensure_future(lane.execute([("BLPOP", "never", 0)]))
+    await asyncio.sleep(0.1)
+    redis_server.kill()
+    with pytest.raises((RedisConnectionError, RedisTimeoutError)):
+        await asyncio.wait_for(blocked, 5)
+    with pytest.raises((RedisConnectionError, RedisTimeoutError, OSError)):
+        await lane.execute([("PING",)])
+    redis_server.start()
+    assert await lane.execute([("SET", "b", 2), ("GET", "b")]) == [b"OK", b"2"]
 
 
 async def test_a_stopped_server_times_out_within_the_deadline_and_heals_on_resume(
