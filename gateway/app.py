@@ -26,9 +26,10 @@ from common.logs import current_request
 from common.metrics import Metrics
 from common.sending import Sender
 from common.settings import Settings
-from common.telemetry import span
+from common.telemetry import span, tracing_enabled
 from gateway import rest_info, rest_send
 from gateway.connections import ConnectionManager
+from gateway.direct import DirectRoutes
 from gateway.http import JSONResponse, error_response
 from gateway.limits import ConnectLimiter, HttpLimiter
 from gateway.node import Backends, GatewayNode
@@ -79,13 +80,15 @@ class EdgeMiddleware:
         status_box = [500]
         token = current_request.set(request_id)
         try:
-            traced = path.startswith("/api/")
+            if not (tracing_enabled() and path.startswith("/api/")):
+                await self._guarded(scope, receive, send, extra, status_box)
+                return
             with span(
                 f"{scope['method']} {path}",
                 parent=_trace_headers(request),
                 kind=SpanKind.SERVER,
                 attributes={"http.method": scope["method"], "http.target": path},
-            ) if traced else contextlib.nullcontext() as current:
+            ) as current:
                 await self._guarded(scope, receive, send, extra, status_box)
                 if current is not None:
                     current.set_attribute("http.status_code", status_box[0])
@@ -97,7 +100,7 @@ class EdgeMiddleware:
         status_box: list[int],
     ) -> None:
         path: str = scope["path"]
-        if path.startswith("/api/") or path == "/stats":
+        if self.limiter.enabled and (path.startswith("/api/") or path == "/stats"):
             try:
                 extra.update(await self.limiter.check(Request(scope)))
             except ApiError as err:
@@ -124,6 +127,32 @@ class EdgeMiddleware:
         endpoint = scope.get("endpoint")
         name = getattr(endpoint, "__name__", "unmatched")
         self.metrics.http_requests.labels(name, str(status)).inc()
+
+
+SEND_ROUTES = {
+    "/api/v1/notifications/send": rest_send.send_user,
+    "/api/v1/notifications/send-to-users": rest_send.send_users,
+    "/api/v1/notifications/broadcast": rest_send.send_broadcast,
+    "/api/v1/notifications/channel": rest_send.send_channel,
+    "/api/v1/notifications/channels": rest_send.send_channels,
+    "/api/v1/notifications/batch": rest_send.send_batch,
+}
+
+
+class GatewayApp(Starlette):
+    """Starlette with the send endpoints served directly (``gateway.direct``).
+
+    ``direct_edge`` builds the ``EdgeMiddleware`` around a direct call; None (CORS
+    configured: its middleware must see every request) keeps the plain stack.
+    """
+
+    direct_edge: Callable[[ASGIApp], ASGIApp] | None = None
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack = super().build_middleware_stack()
+        if self.direct_edge is None:
+            return stack
+        return DirectRoutes(stack, SEND_ROUTES, self.exception_handlers, self.direct_edge)
 
 
 def create_app(settings: Settings, make_backends: BackendsFactory) -> Starlette:
@@ -213,8 +242,8 @@ def create_app(settings: Settings, make_backends: BackendsFactory) -> Starlette:
         message = "Internal server error" if settings.production else f"{type(exc).__name__}: {exc}"
         return error_response(ApiError(500, "INTERNAL_ERROR", message))
 
-    middleware = [Middleware(EdgeMiddleware, limiter=HttpLimiter(settings, backends.rate_limiter,
-                                                                 metrics), metrics=metrics)]
+    limiter = HttpLimiter(settings, backends.rate_limiter, metrics)
+    middleware = [Middleware(EdgeMiddleware, limiter=limiter, metrics=metrics)]
     if settings.cors_origins:
         middleware.insert(0, Middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
@@ -226,8 +255,10 @@ def create_app(settings: Settings, make_backends: BackendsFactory) -> Starlette:
         BackendUnavailable: unavailable,
         Exception: internal,
     }
-    app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers,
-                    lifespan=lifespan)
+    app = GatewayApp(routes=routes, middleware=middleware, exception_handlers=handlers,
+                     lifespan=lifespan)
+    if not settings.cors_origins:
+        app.direct_edge = lambda inner: EdgeMiddleware(inner, limiter=limiter, metrics=metrics)
     app.state.settings = settings
     app.state.node = node
     app.state.sender = sender
