@@ -17,7 +17,7 @@ from common.metrics import Metrics
 from common.protocol import Notification, Target
 from common.settings import Settings
 from common.stats import StatsStore
-from common.telemetry import carrier, span
+from common.telemetry import carrier, span, tracing_enabled
 from common.templating import render
 
 log = logging.getLogger("ara.sending")
@@ -73,18 +73,22 @@ class Sender:
         )
 
     async def send(self, notification: Notification, target: Target) -> RouteReport:
-        with span("ara.dispatch", attributes={
-            "ara.notification_id": notification.id,
-            "ara.target": target.kind,
-            "ara.tenant": notification.tenant_id,
-        }):
-            notification.trace = carrier()
+        if tracing_enabled():
+            with span("ara.dispatch", attributes={
+                "ara.notification_id": notification.id,
+                "ara.target": target.kind,
+                "ara.tenant": notification.tenant_id,
+            }):
+                notification.trace = carrier()
+                report = await self.dispatcher.dispatch(notification, target)
+        else:
             report = await self.dispatcher.dispatch(notification, target)
         token = current_notification.set(notification.id)
         try:
-            log.debug("notification accepted", extra={
-                "event_type": notification.event_type, "target": target.kind,
-                "delivered_to": report.delivered_to, "source": notification.source})
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("notification accepted", extra={
+                    "event_type": notification.event_type, "target": target.kind,
+                    "delivered_to": report.delivered_to, "source": notification.source})
             self._count(notification, target, report)
             try:
                 await self.receipts.record(notification, target, report.delivered_to)
