@@ -31,12 +31,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import hiredis
+from redis._parsers.base import BaseParser
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 Command = Sequence[bytes | str | int | float]
+
+READ_SIZE = 65536
+_MORE: Any = object()  # hiredis' "not enough data yet"
+_PUSH: Any = getattr(hiredis, "PushNotification", ())  # hiredis >= 3.2
 
 
 @dataclass(slots=True)
@@ -144,26 +149,57 @@ class RedisLane:
             return conn
 
     async def _read(self, conn: AbstractConnection) -> None:
-        waiters = self._waiters
+        stream = getattr(conn, "_reader", None)
         try:
-            while True:
-                try:
-                    reply: Any = await conn.read_response(timeout=math.inf)
-                except ResponseError as exc:
-                    reply = exc
-                if not waiters:
-                    raise RedisConnectionError("unexpected reply from Redis")
-                waiter = waiters[0]
-                waiter.replies.append(reply)
-                if len(waiter.replies) == waiter.expected:
-                    waiters.popleft()
-                    if not waiter.future.done():
-                        waiter.future.set_result(waiter.replies)
+            if isinstance(stream, asyncio.StreamReader):
+                await self._read_stream(stream)
+            else:  # not the redis-py connection this was written against
+                while True:
+                    try:
+                        reply: Any = await conn.read_response(timeout=math.inf)
+                    except ResponseError as exc:
+                        reply = exc
+                    self._hand_over(reply)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             if self._conn is conn:
                 self._reset(exc)
+
+    async def _read_stream(self, stream: asyncio.StreamReader) -> None:
+        """Parse replies straight off the connection's stream, as many as each read holds.
+
+        redis-py's ``read_response`` costs four Python calls, a timeout context and
+        a few type checks per reply; a pipeline's replies mostly arrive in one read.
+        Error replies become the exceptions redis-py would raise (its own table);
+        those that mean the connection is unusable (``LOADING``...) end it, as they
+        do in redis-py.
+        """
+        reader = hiredis.Reader(replyError=BaseParser.parse_error, notEnoughData=_MORE)
+        hand_over = self._hand_over
+        while True:
+            data = await stream.read(READ_SIZE)
+            if not data:
+                raise RedisConnectionError("Redis closed the connection")
+            reader.feed(data)
+            reply = reader.gets()
+            while reply is not _MORE:
+                if isinstance(reply, RedisConnectionError):
+                    raise reply
+                if not isinstance(reply, _PUSH):  # RESP3 pushes answer no command
+                    hand_over(reply)
+                reply = reader.gets()
+
+    def _hand_over(self, reply: Any) -> None:
+        waiters = self._waiters
+        if not waiters:
+            raise RedisConnectionError("unexpected reply from Redis")
+        waiter = waiters[0]
+        waiter.replies.append(reply)
+        if len(waiter.replies) == waiter.expected:
+            waiters.popleft()
+            if not waiter.future.done():
+                waiter.future.set_result(waiter.replies)
 
     def _reset(self, exc: BaseException) -> None:
         """Fail everything in flight and drop the connection; the next call reconnects."""
