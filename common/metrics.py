@@ -6,13 +6,17 @@ user, channel or tenant name.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 
 class Metrics:
     """The ``ara_`` metrics of one process."""
 
     def __init__(self) -> None:
+        self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
         self.registry = CollectorRegistry()
         r = self.registry
         self.connections = Gauge(
@@ -92,3 +96,14 @@ class Metrics:
         self.pubsub_invalid = Counter(
             "ara_pubsub_invalid", "Pub/Sub trigger messages dropped as invalid", registry=r
         )
+
+    def child(self, metric: MetricWrapperBase, *values: str) -> Any:
+        """``metric.labels(*values)``, kept: the per-request counters would otherwise
+        pay the label validation and the lock of prometheus_client's ``labels`` on every
+        increment.
+        (Label values are bounded sets, see the module docstring.)"""
+        key = (metric, values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found

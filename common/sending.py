@@ -99,7 +99,8 @@ class Sender:
         return report
 
     def _count(self, notification: Notification, target: Target, report: RouteReport) -> None:
-        self.metrics.notifications.labels(target.kind, notification.source.split(":")[0]).inc()
+        self.metrics.child(self.metrics.notifications, target.kind,
+                           notification.source.split(":")[0]).inc()
         queued = sum(1 for u in report.users.values() if u.queued)
         if queued:
             self.metrics.queued.inc(queued)

@@ -126,7 +126,7 @@ class EdgeMiddleware:
     def _count(self, scope: Scope, status: int) -> None:
         endpoint = scope.get("endpoint")
         name = getattr(endpoint, "__name__", "unmatched")
-        self.metrics.http_requests.labels(name, str(status)).inc()
+        self.metrics.child(self.metrics.http_requests, name, str(status)).inc()
 
 
 SEND_ROUTES = {

@@ -127,7 +127,7 @@ class GatewayLoops:
                         log.exception("dropping undecodable delivery %r", entry_id)
                         continue
                     reached = deliver_traced(self.manager, delivery)
-                    self.metrics.deliveries.labels(delivery.kind).inc(reached)
+                    self.metrics.child(self.metrics.deliveries, delivery.kind).inc(reached)
                 trimmed += len(entries)
             if trimmed >= 1000:
                 trimmed = 0
