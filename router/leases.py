@@ -37,13 +37,26 @@ class Leases:
         self.ttl_ms = int(ttl_seconds * 1000)
         # partition -> monotonic deadline until which our lease is certainly valid
         self.valid_until: dict[int, float] = {}
+        # held() answered, and until when that answer stands (the earliest deadline in
+        # it); the consume loop asks twice per read, over 64+ partitions.
+        self._held: tuple[float, list[int]] = (0.0, [])
 
     def holds(self, partition: int) -> bool:
         return time.monotonic() < self.valid_until.get(partition, 0.0)
 
     def held(self) -> list[int]:
+        """The partitions whose leases are valid now, in order (a fresh list)."""
         now = time.monotonic()
-        return sorted(p for p, until in self.valid_until.items() if until > now)
+        stands_until, partitions = self._held
+        if now < stands_until:
+            return list(partitions)
+        valid = [(p, until) for p, until in self.valid_until.items() if until > now]
+        partitions = sorted(p for p, _ in valid)
+        self._held = (min((until for _, until in valid), default=0.0), partitions)
+        return list(partitions)
+
+    def _changed(self) -> None:
+        self._held = (0.0, [])
 
     def suspend(self) -> None:
         """Stop trusting our leases until the next successful ``renew``.
@@ -55,6 +68,7 @@ class Leases:
         """
         for p in self.valid_until:
             self.valid_until[p] = 0.0
+        self._changed()
 
     async def acquire(self, partitions: list[int]) -> list[int]:
         if not partitions:
@@ -71,6 +85,7 @@ class Leases:
         won = [p for p, ok in zip(partitions, results, strict=True) if ok]
         for p in won:
             self.valid_until[p] = started + self.ttl_ms / 1000 * 0.8
+        self._changed()
         return won
 
     async def renew(self) -> list[int]:
@@ -92,11 +107,13 @@ class Leases:
             else:
                 lost.append(p)
                 self.valid_until.pop(p, None)
+        self._changed()
         return lost
 
     async def release(self, partitions: list[int]) -> None:
         for p in partitions:
             self.valid_until.pop(p, None)
+        self._changed()
         if not partitions:
             return
 

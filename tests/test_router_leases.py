@@ -24,6 +24,29 @@ from router.leases import Leases
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(60)]
 
 
+async def test_held_partitions_drop_out_as_their_own_deadlines_pass(
+    redis_server: RedisServer,
+) -> None:
+    handle = RedisHandle(redis_server.url, "leaseexpiry")
+    try:
+        leases = Leases(handle, "r1", ttl_seconds=0.5)  # trusted for 0.4 s
+        assert await leases.acquire([3]) == [3]
+        assert leases.held() == [3]
+        await asyncio.sleep(0.2)
+        assert await leases.acquire([1]) == [1]
+        held = leases.held()
+        assert held == [1, 3]
+        held.append(99)  # a caller's copy, not the lease table
+        assert leases.held() == [1, 3]
+        await asyncio.sleep(0.25)  # past 3's deadline, not 1's
+        assert leases.held() == [1] and not leases.holds(3)
+        await asyncio.sleep(0.2)
+        assert leases.held() == []
+        await leases.release([1, 3])
+    finally:
+        await handle.close()
+
+
 async def test_suspended_leases_are_not_held_until_renewed_and_lost_if_redis_was_emptied(
     redis_server: RedisServer,
 ) -> None:
