@@ -11,12 +11,15 @@ meanwhile still gets it.
 At-least-once also looks the users up once *before* the write, only to store
 each row's ``delivered`` flag with the row (no second write per notification to
 mark it). That early lookup never decides a delivery, so the argument above is
-unchanged. The two lookups disagree only for a user who (dis)connected in the
-few milliseconds between them: one found only by the later lookup gets the
+unchanged, and it may be answered from what the lookups of the last second
+found (``PresenceCache``): at low rates every batch is one notification, and the
+early lookup was one of its five round trips. The two lookups disagree only for
+a user who (dis)connected in the moments between them (up to a second with a
+remembered answer): one found only by the later lookup gets the
 ``mark_delivered`` write; one found only by the earlier lookup keeps a row
 flagged delivered that no gateway was handed, as any row does whose connection
-closes between the lookup and the gateway's write (the flag only makes a replay
-say ``redelivered``).
+closes between the lookup and the gateway's write
+(the flag only makes a replay say ``redelivered``).
 
 Routing works on batches so a router pays one mailbox write, one pipelined
 session lookup (two with at-least-once) and one pipelined stream append per
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,6 +52,43 @@ from common.telemetry import carrier, span, tracing_enabled
 log = logging.getLogger("ara.router")
 
 Accepted = tuple[Notification, Target]
+UserKey = tuple[str, str]  # (tenant, user)
+
+PRESENCE_TTL_SECONDS = 1.0
+PRESENCE_MAX_USERS = 100_000
+
+
+class PresenceCache:
+    """Whether each recently looked-up user had live sessions, for the rows' flag only.
+
+    Never consulted for a delivery: the lookup after the mailbox write always goes
+    to the session store. Bounded: when full it starts over.
+    """
+
+    def __init__(self, ttl: float = PRESENCE_TTL_SECONDS,
+                 max_users: int = PRESENCE_MAX_USERS) -> None:
+        self.ttl = ttl
+        self.max_users = max_users
+        self._seen: dict[UserKey, tuple[float, bool]] = {}
+
+    def online_among(self, keys: Sequence[UserKey]) -> set[UserKey] | None:
+        """The online ones among ``keys`` if every one was looked up within the TTL."""
+        oldest = time.monotonic() - self.ttl
+        online: set[UserKey] = set()
+        for key in keys:
+            seen = self._seen.get(key)
+            if seen is None or seen[0] < oldest:
+                return None
+            if seen[1]:
+                online.add(key)
+        return online
+
+    def remember(self, found: dict[UserKey, list[SessionInfo]]) -> None:
+        if len(self._seen) + len(found) > self.max_users:
+            self._seen.clear()
+        now = time.monotonic()
+        for key, sessions in found.items():
+            self._seen[key] = (now, bool(sessions))
 
 
 @dataclass(slots=True)
@@ -73,6 +114,7 @@ class Router:
         self.delivery = delivery
         self.queue_enabled = settings.queue_enabled
         self.at_least_once = settings.at_least_once and settings.queue_enabled
+        self.presence = PresenceCache()
 
     async def dispatch(self, notification: Notification, target: Target) -> RouteReport:
         """``Dispatcher`` for the embedded node: route inline, in this process."""
@@ -95,8 +137,15 @@ class Router:
         if self.at_least_once and user_items:
             # Only for the rows' ``delivered`` flag: the lookup that decides the live
             # delivery comes after the write (module docstring).
-            before = await self._lookup(grouped)
-            flagged = {key for key, found in before.items() if found}
+            before: dict[UserKey, list[SessionInfo]] | None = None
+            remembered = self.presence.online_among(
+                [(tenant, u) for tenant, users in grouped.items() for u in users])
+            if remembered is None:
+                before = await self._lookup(grouped)
+                self.presence.remember(before)
+                flagged = {key for key, found in before.items() if found}
+            else:
+                flagged = remembered
             puts = [
                 MailboxPut(u, n, delivered=(n.tenant_id, u) in flagged)
                 for i in user_items
@@ -106,11 +155,12 @@ class Router:
             if mailbox_up:
                 await self.mailbox.put(puts)
                 sessions = await self._lookup(grouped)
+                self.presence.remember(sessions)
             else:
                 # Nothing was written (it is retried later), so there is no commit to
                 # order the delivery lookup after: the one lookup serves, as before.
                 result.unwritten.extend(puts)
-                sessions = before
+                sessions = before if before is not None else await self._lookup(grouped)
         else:
             sessions = await self._lookup(grouped)
         if not self.at_least_once and self.queue_enabled and user_items:

@@ -269,3 +269,41 @@ async def test_router_flags_rows_on_write_and_looks_up_again_after_the_commit(ds
         assert flags == {"on": [True], "late": [True], "gone": [True]}
     finally:
         await pg.close()
+
+
+async def test_router_flags_rows_from_a_recent_lookup_but_always_looks_up_to_deliver(
+    dsn: str,
+) -> None:
+    log: list[str] = []
+    pg = PostgresHandle(dsn)
+    await pg.open()
+    try:
+        mailbox = LoggedMailbox(pg, log)
+        # Lookups: before #1, after #1 ("on" online), after #2 ("on" gone, "late" there).
+        sessions = Sessions([{"on": ["n1"]}, {"on": ["n1"]}, {"late": ["n3"]}], log)
+        delivery = Recorder(log)
+        router = Router(load_settings(jwt_secret=TEST_JWT_SECRET), sessions,  # type: ignore[arg-type]
+                        mailbox, delivery)
+        first = Notification.create("t", "e", {}, default_ttl=60)
+        await router.dispatch(first, Target("users", user_ids=("on", "late")))
+        assert log == ["lookup", "committed", "lookup", "deliver"]
+        log.clear()
+        # Both users were looked up a moment ago: the row flags come from that answer,
+        # and the lookup after the commit still decides who gets it live.
+        second = Notification.create("t", "e", {}, default_ttl=60)
+        report = await router.dispatch(second, Target("users", user_ids=("on", "late")))
+        assert log[:2] == ["committed", "lookup"]
+        assert sorted(log[2:]) == ["deliver", f"mark {[('late', second.id)]}"]
+        assert [node for node, _ in delivery.deliveries] == ["n1", "n3"]
+        assert report.delivered_to == 1 and report.users["on"].queued
+        flags = {u: [e.delivered for e in await mailbox.pending("t", u)] for u in ("on", "late")}
+        # "on": online in every answer; "late": offline when remembered, marked once found.
+        assert flags == {"on": [True, True], "late": [False, True]}
+        log.clear()
+        # A user not looked up recently sends the batch back to the early lookup.
+        router.presence.ttl = 0.0
+        third = Notification.create("t", "e", {}, default_ttl=60)
+        await router.dispatch(third, Target("user", user_ids=("late",)))
+        assert log[:3] == ["lookup", "committed", "lookup"]
+    finally:
+        await pg.close()
