@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import uuid
+import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -30,7 +30,7 @@ from common.telemetry import span, tracing_enabled
 from gateway import rest_info, rest_send
 from gateway.connections import ConnectionManager
 from gateway.direct import DirectRoutes
-from gateway.http import JSONResponse, error_response
+from gateway.http import JSONResponse, error_response, header
 from gateway.limits import ConnectLimiter, HttpLimiter
 from gateway.node import Backends, GatewayNode
 from gateway.openapi import build_openapi
@@ -47,15 +47,15 @@ UNLIMITED_PATHS = ("/health", "/ready", "/metrics")
 def _request_id(given: str | None) -> str:
     if given and len(given) <= 128 and given.isprintable():
         return given
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 def _trace_headers(request: Request) -> dict[str, str] | None:
-    parent = request.headers.get("traceparent")
+    parent = header(request, b"traceparent")
     if not parent:
         return None
     found = {"traceparent": parent}
-    state = request.headers.get("tracestate")
+    state = header(request, b"tracestate")
     if state:
         found["tracestate"] = state
     return found
@@ -75,7 +75,7 @@ class EdgeMiddleware:
             return
         path: str = scope["path"]
         request = Request(scope)
-        request_id = _request_id(request.headers.get("x-request-id"))
+        request_id = _request_id(header(request, b"x-request-id"))
         extra: dict[str, str] = {"X-Request-ID": request_id}
         status_box = [500]
         token = current_request.set(request_id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import ClientDisconnect, HTTPConnection, Request
 from starlette.responses import Response
 
 from common import jsoncodec
@@ -28,39 +28,55 @@ class JSONResponse(Response):
         return jsoncodec.dumps(content)
 
 
+def header(conn: HTTPConnection, name: bytes) -> str | None:
+    """One request header (``name`` lower-case, as ASGI gives them), first one wins.
+
+    Starlette's ``Headers.get`` scans the header list on every call; a send asks
+    for six of them. The table is built once per request and kept in its scope.
+    """
+    scope = conn.scope
+    table: dict[bytes, bytes] | None = scope.get("ara.headers")
+    if table is None:
+        table = scope["ara.headers"] = {}
+        for key, value in reversed(scope["headers"]):
+            table[key] = value
+    value = table.get(name)
+    return None if value is None else value.decode("latin-1")
+
+
 def error_response(error: ApiError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
 def principal(request: Request) -> ApiPrincipal:
     checker = request.app.state.api_keys
-    result: ApiPrincipal = checker.check(request.headers.get("x-api-key"))
+    result: ApiPrincipal = checker.check(header(request, b"x-api-key"))
     return result
 
 
 def tenant_of(request: Request, who: ApiPrincipal) -> str:
     """The tenant a REST call acts in: a bound key's, else ``X-Tenant-ID``."""
     settings = request.app.state.settings
-    header = request.headers.get("x-tenant-id")
-    if header is not None and not valid_tenant(header):
+    given = header(request, b"x-tenant-id")
+    if given is not None and not valid_tenant(given):
         raise ApiError(
             422, "VALIDATION_ERROR", "X-Tenant-ID must be 1-64 of letters, digits, '-', '_', '.'",
             {"field": "X-Tenant-ID"},
         )
     if who.bound_tenant is not None:
-        if header is not None and header != who.bound_tenant:
+        if given is not None and given != who.bound_tenant:
             raise ApiError(403, "FORBIDDEN", "this API key is bound to another tenant")
         return who.bound_tenant
-    if settings.tenant_enabled and header:
-        return header
+    if settings.tenant_enabled and given:
+        return given
     return "default"
 
 
 async def read_json(request: Request, limit: int) -> Any:
-    content_type = request.headers.get("content-type", "application/json")
+    content_type = header(request, b"content-type") or "application/json"
     if "json" not in content_type.split(";")[0].lower():
         raise ApiError(415, "UNSUPPORTED_MEDIA_TYPE", "send the body as application/json")
-    declared = request.headers.get("content-length")
+    declared = header(request, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large(limit)
     body = await _read_body(request, limit)

@@ -17,6 +17,7 @@ from common.errors import ApiError
 from common.metrics import Metrics
 from common.ratelimit import RateLimiter
 from common.settings import Settings
+from gateway.http import header
 
 
 def rate_limited(retry_after: float, message: str) -> ApiError:
@@ -67,7 +68,7 @@ class HttpLimiter:
         self.keys = ApiKeyChecker(settings)
 
     def bucket(self, conn: HTTPConnection) -> str:
-        presented = conn.headers.get("x-api-key")
+        presented = header(conn, b"x-api-key")
         if presented:
             try:
                 self.keys.check(presented)

@@ -5,7 +5,8 @@
   slow one, and still closes a consumer that overflows its outbox with 4008;
 - the uvicorn protocol stand-ins behave like the asyncio objects they replace;
 - the mailbox coalescer merges concurrent writes, keeps order and hands errors back;
-- the one-statement mailbox write keeps each user's newest ``QUEUE_MAX_SIZE_PER_USER``.
+- the one-statement mailbox write keeps each user's newest ``QUEUE_MAX_SIZE_PER_USER``;
+- the send path's shortcuts (ids, header lookups) give what the slower calls gave.
 """
 
 from __future__ import annotations
@@ -207,3 +208,29 @@ async def test_postgres_mailbox_keeps_the_newest_per_user() -> None:
                 await pg.close()
     finally:
         await drop_database(admin, dsn)
+
+
+def test_new_ids_are_version_4_uuids_in_canonical_text() -> None:
+    import uuid
+
+    from common.protocol import new_id
+
+    ids = {new_id() for _ in range(2000)}
+    assert len(ids) == 2000
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122 and str(parsed) == text
+
+
+def test_header_lookup_takes_the_first_of_repeated_headers_like_starlette() -> None:
+    from starlette.requests import Request
+
+    from gateway.http import header
+
+    scope = {"type": "http", "headers": [(b"x-api-key", b"first"), (b"x-api-key", b"second"),
+                                         (b"content-type", b"application/json")]}
+    request = Request(scope)
+    assert header(request, b"x-api-key") == request.headers.get("x-api-key") == "first"
+    assert header(request, b"content-type") == "application/json"
+    assert header(request, b"x-tenant-id") is None
+    assert header(Request(scope), b"x-api-key") == "first"  # the table lives in the scope
