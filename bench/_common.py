@@ -78,6 +78,14 @@ def cpu_seconds(pid: int) -> float:
     return float(t.user + t.system)
 
 
+def cpu_detail(pid: int) -> dict[str, float]:
+    """CPU split (user/system seconds) and context switches of one process, for deltas."""
+    proc = psutil.Process(pid)
+    t, c = proc.cpu_times(), proc.num_ctx_switches()
+    return {"user": t.user, "system": t.system, "voluntary_cs": c.voluntary,
+            "involuntary_cs": c.involuntary}
+
+
 def rss_bytes(pid: int) -> int:
     return int(psutil.Process(pid).memory_info().rss)
 
@@ -105,6 +113,9 @@ class Server:
 
     def rss(self) -> int:
         return rss_bytes(self.pid)
+
+    def cpu_detail(self) -> dict[str, float]:
+        return cpu_detail(self.pid)
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -175,6 +186,11 @@ class Processes:
 
     def cleanup(self) -> None:
         self.stop_all()
+        keep = os.environ.get("ARA_BENCH_LOG_DIR")  # copy the servers' logs out before removal
+        if keep:
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            for log in self.workdir.glob("*.log"):
+                shutil.copy(log, Path(keep) / log.name)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
@@ -408,7 +424,9 @@ def start_cluster_process(procs: Processes, kind: str, node_id: str, redis_url: 
     env = cluster_env(port, node_id, redis_url, dsn, prefix, **extra)
     command = [sys.executable, "-m", "common.cli", kind]
     cprofile_dir = os.environ.get("ARA_BENCH_CPROFILE_DIR")
-    if cprofile_dir:  # CPU-time attribution, see bench/_cprofile_run.py
+    only = os.environ.get("ARA_BENCH_CPROFILE_ONLY")  # e.g. "router-1": profile just that one
+    if cprofile_dir and (not only or node_id in only.split(",")):
+        # CPU-time attribution, see bench/_cprofile_run.py
         command = [sys.executable, str(BENCH / "_cprofile_run.py"),
                    str(Path(cprofile_dir) / f"{node_id}.prof"), "common.cli", kind]
     return procs.start(node_id, command, env=env, port=port, core=core)

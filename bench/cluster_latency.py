@@ -195,6 +195,7 @@ async def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
                 spies = [start_profiler(s, f"cluster_{rate}_{s.name}", gil_only=True)
                          for s in (*gws, router)] if args.profile else []
                 cpu0 = {s.name: s.cpu() for s in (*gws, router, redis)}
+                detail0 = {s.name: s.cpu_detail() for s in (*gws, router, redis)}
                 t0 = time.monotonic()
                 sent, lag = await drive(sender, rate, args.seconds, args.users)
                 await asyncio.sleep(1.0)
@@ -212,6 +213,11 @@ async def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
                 result["cpu_util"] = {s.name: round((s.cpu() - cpu0[s.name]) / wall, 3)
                                       for s in (*gws, router, redis)}
                 result["server_core_util"] = round(sum(result["cpu_util"].values()), 3)
+                # Per notification sent: CPU (µs, user/system) and context switches.
+                result["per_notification"] = {
+                    s.name: {k: round((v - detail0[s.name][k]) / sent * (1e6 if k in (
+                        "user", "system") else 1), 2) for k, v in s.cpu_detail().items()}
+                    for s in (*gws, router, redis)}
                 by_rate[str(rate)] = result
                 print(f"cluster @ {rate}/s: p50 {result['p50_ms']} ms  p99 {result['p99_ms']} ms "
                       f"({result['received']}/{result['expected']}, REST p99 "
