@@ -56,6 +56,9 @@ UserKey = tuple[str, str]  # (tenant, user)
 
 PRESENCE_TTL_SECONDS = 1.0
 PRESENCE_MAX_USERS = 100_000
+# A large batch shares one early lookup among many notifications: for it the cache
+# would be bookkeeping per user with nothing to save.
+PRESENCE_BATCH_USERS = 32
 
 
 class PresenceCache:
@@ -138,11 +141,14 @@ class Router:
             # Only for the rows' ``delivered`` flag: the lookup that decides the live
             # delivery comes after the write (module docstring).
             before: dict[UserKey, list[SessionInfo]] | None = None
+            small = sum(len(users) for users in grouped.values()) <= PRESENCE_BATCH_USERS
             remembered = self.presence.online_among(
-                [(tenant, u) for tenant, users in grouped.items() for u in users])
+                [(tenant, u) for tenant, users in grouped.items() for u in users]
+            ) if small else None
             if remembered is None:
                 before = await self._lookup(grouped)
-                self.presence.remember(before)
+                if small:
+                    self.presence.remember(before)
                 flagged = {key for key, found in before.items() if found}
             else:
                 flagged = remembered
@@ -155,7 +161,8 @@ class Router:
             if mailbox_up:
                 await self.mailbox.put(puts)
                 sessions = await self._lookup(grouped)
-                self.presence.remember(sessions)
+                if small:
+                    self.presence.remember(sessions)
             else:
                 # Nothing was written (it is retried later), so there is no commit to
                 # order the delivery lookup after: the one lookup serves, as before.
