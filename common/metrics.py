@@ -99,9 +99,8 @@ class Metrics:
 
     def child(self, metric: MetricWrapperBase, *values: str) -> Any:
         """``metric.labels(*values)``, kept: the per-request counters would otherwise
-        pay the label validation and the lock of prometheus_client's ``labels`` on every
-        increment.
-        (Label values are bounded sets, see the module docstring.)"""
+        pay the label validation and the lock of prometheus_client's ``labels`` on
+        every increment. (Label values are bounded sets, see the module docstring.)"""
         key = (metric, values)
         found = self._children.get(key)
         if found is None:

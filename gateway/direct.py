@@ -1,10 +1,10 @@
 """The REST send endpoints, served without Starlette's routing and exception layers.
 
-A send is the request a gateway serves most, and at the rates of the cluster
-benchmark the framework around it cost as much CPU as the send itself
-(cProfile of ``bench/rest.py``: about 40 % of a request's time was spent in
+A send is the request a gateway serves most, and the framework around it cost
+nearly as much CPU as its own work: in a cProfile of ``bench/rest.py`` about
+40 % of a request's time was spent outside the endpoint, much of it in
 ``ServerErrorMiddleware``, ``ExceptionMiddleware``, the router's regex matching
-over every route and the send wrappers each layer adds). The send routes have
+over every route and the send wrappers each layer adds. The send routes have
 fixed paths and one method, so a dict finds them. What a client sees stays the
 same: the request goes through the same ``EdgeMiddleware`` (request id, server
 span, rate limit, request metrics), and an exception becomes the same response
@@ -14,15 +14,12 @@ method, a trailing slash, a ``root_path``) falls through to Starlette.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
-
-log = logging.getLogger("ara.gateway.direct")
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 ErrorHandler = Callable[[Request, Exception], Awaitable[Response]]

@@ -103,27 +103,20 @@ async def _read_body(request: Request, limit: int) -> bytes:
     send's body comes in one message, and the generator cost more than the rest of
     the body handling together.
     """
-    message = await request.receive()
-    if message["type"] == "http.disconnect":
-        raise ClientDisconnect()
-    body: bytes = message.get("body", b"")
-    if not message.get("more_body", False):
-        if len(body) > limit:
-            raise too_large(limit)
-        return body
-    buffer = bytearray(body)
-    while True:
-        if len(buffer) > limit:
-            raise too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    more = True
+    while more:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             raise ClientDisconnect()
-        buffer.extend(message.get("body", b""))
-        if not message.get("more_body", False):
-            break
-    if len(buffer) > limit:
-        raise too_large(limit)
-    return bytes(buffer)
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def too_large(limit: int) -> ApiError:

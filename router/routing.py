@@ -18,8 +18,8 @@ a user who (dis)connected in the moments between them (up to a second with a
 remembered answer): one found only by the later lookup gets the
 ``mark_delivered`` write; one found only by the earlier lookup keeps a row
 flagged delivered that no gateway was handed, as any row does whose connection
-closes between the lookup and the gateway's write
-(the flag only makes a replay say ``redelivered``).
+closes between the lookup and the gateway's write (the flag only makes a replay
+say ``redelivered``).
 
 Routing works on batches so a router pays one mailbox write, one pipelined
 session lookup (two with at-least-once) and one pipelined stream append per
