@@ -4,7 +4,8 @@
 - a connection writes at once while its socket keeps up, queues in order behind a
   slow one, and still closes a consumer that overflows its outbox with 4008;
 - the uvicorn protocol stand-ins behave like the asyncio objects they replace;
-- the mailbox coalescer merges concurrent writes, keeps order and hands errors back;
+- the mailbox coalescer merges concurrent writes, keeps order, hands errors back and
+  writes in its caller's task when idle;
 - the one-statement mailbox write keeps each user's newest ``QUEUE_MAX_SIZE_PER_USER``;
 - the send path's shortcuts (ids, header lookups) give what the slower calls gave.
 """
@@ -163,12 +164,52 @@ async def test_coalescer_merges_orders_and_reports_errors() -> None:
     await asyncio.wait_for(asyncio.gather(first, *rest), 1)
     assert writes == [[1, 2], [3, 4, 5]]
 
+    gate.clear()
+    in_flight = asyncio.ensure_future(merged.submit([0]))
+    await asyncio.sleep(0)
     bad = asyncio.ensure_future(merged.submit([-1]))
     good_in_same_write = asyncio.ensure_future(merged.submit([6]))
+    await asyncio.sleep(0)
+    gate.set()
+    await asyncio.wait_for(in_flight, 1)
     with pytest.raises(RuntimeError):
         await asyncio.wait_for(bad, 1)
     with pytest.raises(RuntimeError):
         await asyncio.wait_for(good_in_same_write, 1)
+    assert writes[-2:] == [[0], [-1, 6]]
+
+
+async def test_coalescer_writes_in_the_callers_task_when_idle_and_hands_on_when_cancelled(
+) -> None:
+    from common.backends.postgres import Coalescer
+
+    writers: list[asyncio.Task[Any] | None] = []
+    gate = asyncio.Event()
+    written: list[list[int]] = []
+
+    async def write(items: list[int]) -> None:
+        writers.append(asyncio.current_task())
+        await gate.wait()
+        written.append(items)
+
+    merged: Coalescer[int] = Coalescer(write, max_items=100, parallel=1)
+    gate.set()
+    caller = asyncio.ensure_future(merged.submit([1]))
+    await asyncio.wait_for(caller, 1)
+    assert writers == [caller] and written == [[1]]  # no task of its own
+
+    gate.clear()
+    first = asyncio.ensure_future(merged.submit([2]))  # idle: written in ``first``
+    await asyncio.sleep(0)
+    waiting = [asyncio.ensure_future(merged.submit([i])) for i in (3, 4)]
+    await asyncio.sleep(0)
+    first.cancel()  # abandons its own write only
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(*waiting), 1)
+    assert written[1:] == [[3, 4]]
+    assert writers[-1] not in (first, *waiting)  # a writer task took them over
 
 
 @pytest.mark.cluster
