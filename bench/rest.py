@@ -11,8 +11,8 @@ server:
 - ``cluster``: a cluster gateway (``common.cli gateway``) with its private
   redis-server on core 1 and a fresh Postgres database; each send is
   validated, stamped, appended to its partition stream (no router runs, so
-  the streams only grow), answered from a session-store read, and its
-  receipt written to Postgres;
+  the streams only grow) with its pending receipt record, and answered from
+  a session-store read (the receipt itself is the router's to write);
 - ``embedded``: the embedded node (``common.cli serve``): routed inline,
   offline user queued in SQLite.
 """

@@ -10,8 +10,10 @@ are appended to their partition streams exactly as a gateway does
 pinned to core 0 and timed from its first routed entry to its last (polling
 its ``/health`` ``routed`` counter). Each notification costs the router the
 full at-least-once path: session lookup (for the row's ``delivered`` flag),
-mailbox row in Postgres (``COPY``), session lookup after the commit, append to
-the gateway's node stream, ``XACK``/``XDEL``.
+mailbox row and receipt in Postgres (``COPY`` and a receipts statement for a
+large batch, one ``INSERT`` for a small one), session lookup after the commit
+with the appends to the gateway's node stream in the same round trip,
+``XACK``/``XDEL`` and the pending receipt records' ``DEL``.
 
 Baseline, same run, same Redis and pinning: ``bench/bare_forwarder.py``,
 which only moves the entries from the partition streams to a node stream.
@@ -85,7 +87,7 @@ async def prefill(r: aioredis.Redis, prefix: str, users: int, messages: int) -> 
                 n = Notification.create("default", "order.shipped", PAYLOAD, default_ttl=3600)
                 p = partition_of("default", user, PARTITIONS)
                 pipe.xadd(f"{prefix}:part:{{{p:04d}}}",
-                          {b"e": encode_accepted(n, Target("user", user_ids=(user,)))})
+                          {b"e": encode_accepted(n, Target("user", user_ids=(user,)), True)})
             await pipe.execute()
 
 

@@ -10,8 +10,8 @@ redis-server and a fresh Postgres database), runs its lifespan, and calls it
 with a ``POST /api/v1/notifications/send`` scope ``--sends`` times per round,
 one send after another; ``time.process_time`` counts only this process's CPU,
 not Redis's or Postgres's. Each send is validated, stamped, appended to its
-partition stream with the session preview in one round trip, and its receipt
-written to Postgres, as over HTTP.
+partition stream with the session preview and its pending receipt record in
+one round trip, as over HTTP (the receipt itself is the router's to write).
 
 Baseline, same run: ``bench/bare_rest.py``'s Starlette app (read the body,
 check the key, answer a small JSON document) called the same way.

@@ -90,10 +90,11 @@ class Sender:
                     "event_type": notification.event_type, "target": target.kind,
                     "delivered_to": report.delivered_to, "source": notification.source})
             self._count(notification, target, report)
-            try:
-                await self.receipts.record(notification, target, report.delivered_to)
-            except Exception:
-                log.warning("receipt not recorded", exc_info=True)
+            if not report.receipt_by_router:
+                try:
+                    await self.receipts.record(notification, target, report.delivered_to)
+                except Exception:
+                    log.warning("receipt not recorded", exc_info=True)
         finally:
             current_notification.reset(token)
         return report

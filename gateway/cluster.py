@@ -25,6 +25,7 @@ from common.backends.redis_client import RedisHandle
 from common.backends.redis_dispatch import ClusterDispatcher
 from common.backends.redis_lane import stream_entries
 from common.backends.redis_limits import RedisIdempotencyStore, RedisRateLimiter
+from common.backends.redis_receipts import ClusterReceipts
 from common.backends.redis_sessions import LocalView, RedisSessionStore
 from common.backends.redis_stats import RedisStats
 from common.backends.redis_streams import PartitionProducer, decode_delivery
@@ -180,7 +181,7 @@ def cluster_backends(settings: Settings, manager: ConnectionManager, metrics: Me
     return Backends(
         sessions=sessions,
         mailbox=PostgresMailbox(pg, settings.queue_max_size_per_user),
-        receipts=PostgresReceipts(pg),
+        receipts=ClusterReceipts(PostgresReceipts(pg), handle),
         templates=PostgresTemplates(pg),
         dispatcher=ClusterDispatcher(settings, sessions, PartitionProducer(handle)),
         starters=[pg.open, loops.start, stats.start],

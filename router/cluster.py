@@ -24,7 +24,7 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from common import jsoncodec
-from common.backends.base import MailboxPut
+from common.backends.base import MailboxPut, ReceiptRow
 from common.backends.postgres import (
     PostgresHandle,
     PostgresMailbox,
@@ -33,12 +33,13 @@ from common.backends.postgres import (
 )
 from common.backends.redis_client import RedisHandle
 from common.backends.redis_lane import Command, stream_entries
+from common.backends.redis_receipts import forget_pending_commands
 from common.backends.redis_sessions import RedisSessionStore
 from common.backends.redis_streams import (
     GROUP,
     PartitionProducer,
     RedisNodeDelivery,
-    decode_accepted,
+    decode_entry,
 )
 from common.errors import BackendUnavailable
 from common.metrics import Metrics
@@ -67,11 +68,25 @@ STALE_SWEEP_SECONDS = 5.0
 
 @dataclass
 class PartitionState:
-    """Per-partition work: whether pending entries must be claimed, and the mailbox backlog."""
+    """Per-partition work: whether pending entries must be claimed, and the backlog of
+    routed entries whose durable writes wait for Postgres."""
 
     claim_needed: bool = True
     backlog_ids: list[bytes] = field(default_factory=list)
     backlog_puts: list[MailboxPut] = field(default_factory=list)
+    backlog_receipts: list[ReceiptRow] = field(default_factory=list)
+
+
+@dataclass
+class Decoded:
+    """One partition's share of a read: its entries decoded, their stream ids, and the
+    ids of the notifications whose receipts this router records."""
+
+    p: int
+    state: PartitionState
+    batch: list[Accepted] = field(default_factory=list)
+    ids: list[bytes] = field(default_factory=list)
+    record: list[str] = field(default_factory=list)
 
 
 class ClusterRouter:
@@ -89,7 +104,9 @@ class ClusterRouter:
         self.keys = self.redis.keys
         self.sessions = RedisSessionStore(self.redis, None, None)
         self.mailbox = PostgresMailbox(self.pg, settings.queue_max_size_per_user)
-        self.router = Router(settings, self.sessions, self.mailbox, RedisNodeDelivery(self.redis))
+        self.receipts = PostgresReceipts(self.pg)
+        self.router = Router(settings, self.sessions, self.mailbox, RedisNodeDelivery(self.redis),
+                             self.receipts)
         self.leases = Leases(self.redis, self.router_id, LEASE_TTL)
         self.state: dict[int, PartitionState] = {}
         self.reads = self.redis.blocking_lane(READ_BLOCK_MS / 1000)
@@ -98,6 +115,9 @@ class ClusterRouter:
         # Routed entries whose XACK/XDEL rides with the next read (one round trip less
         # per batch); flushed before a lease is given back or the router leaves.
         self.unacked: list[tuple[int, list[bytes]]] = []
+        # Notifications whose receipts are in Postgres now: their pending records in
+        # Redis (``common/backends/redis_receipts.py``) are deleted with the next read.
+        self.recorded: list[str] = []
         self.lock = asyncio.Lock()
         self.ready = False
         self.stopping = False
@@ -105,7 +125,7 @@ class ClusterRouter:
         self.routed = 0
         self.pubsub = PubSubTrigger(
             settings, self.redis, self.sessions, PartitionProducer(self.redis),
-            PostgresTemplates(self.pg), PostgresReceipts(self.pg), metrics,
+            PostgresTemplates(self.pg), self.receipts, metrics,
         )
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -268,7 +288,7 @@ class ClusterRouter:
                     streams = [
                         names.get(p) or self._stream_name(p)
                         for p in self.leases.held()
-                        if p in states and len(states[p].backlog_puts) < MAX_BACKLOG
+                        if p in states and len(states[p].backlog_ids) < MAX_BACKLOG
                     ]
                     response = await self._read(streams)
                     failed = await self._route_read(response)
@@ -324,6 +344,7 @@ class ClusterRouter:
         # The acknowledgements ran (an error reply to one means its group is gone,
         # and with it what it would have acknowledged).
         self.unacked.clear()
+        self.recorded.clear()
         if not streams:
             return None
         if isinstance(replies[-1], ResponseError):
@@ -336,13 +357,15 @@ class ClusterRouter:
             key = self.keys.partition(p)
             commands.append(("XACK", key, GROUP, *ids))
             commands.append(("XDEL", key, *ids))
+        commands += forget_pending_commands(self.keys, self.recorded)
         return commands
 
     async def _flush_acks(self) -> None:
         """Send the acknowledgements waiting for the next read now (caller holds the lock)."""
-        if self.unacked:
+        if self.unacked or self.recorded:
             await self.redis.execute(self._ack_commands(), raise_on_error=False)
             self.unacked.clear()
+            self.recorded.clear()
 
     async def _route_read(self, response: Any) -> bool:
         """Route what ``XREADGROUP`` returned (caller holds the lock); True on failure."""
@@ -428,45 +451,43 @@ class ClusterRouter:
         One user's events all live in one partition and concatenating partitions
         keeps each one's order, so partitions are merged (up to ``MERGE_LIMIT``
         entries a batch) and each batch goes through one ``route_many``: one
-        mailbox write, one session lookup, one append per gateway and one
+        durable write, one session lookup, one append per gateway and one
         acknowledgement pipeline, however many partitions it holds. Batches are
         routed concurrently, so a large backlog still overlaps its round trips.
         Partitions that have mailbox writes waiting (Postgres was down) are routed
         on their own, as is every partition of a batch whose mailbox write fails
         (it comes before any delivery, so nothing has gone out yet).
         """
-        decoded: list[tuple[int, PartitionState, list[Accepted], list[bytes]]] = []
+        decoded: list[Decoded] = []
         for p, entries in parts:
-            state = self.state[p]
-            batch, ids = await self._decode(p, entries)
-            if batch:
-                decoded.append((p, state, batch, ids))
+            part = await self._decode(p, entries)
+            if part.batch:
+                decoded.append(part)
         if not decoded:
             return
-        if any(state.backlog_puts for _, state, _, _ in decoded):
+        if any(part.state.backlog_ids for part in decoded):
             await self._route_each(decoded)
             return
-        groups: list[list[tuple[int, PartitionState, list[Accepted], list[bytes]]]] = []
+        groups: list[list[Decoded]] = []
         size = 0
         for part in decoded:
-            if not groups or size + len(part[2]) > MERGE_LIMIT:
+            if not groups or size + len(part.batch) > MERGE_LIMIT:
                 groups.append([])
                 size = 0
             groups[-1].append(part)
-            size += len(part[2])
+            size += len(part.batch)
         outcomes = await asyncio.gather(*(self._route_group(g) for g in groups),
                                         return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
 
-    async def _route_group(
-        self, decoded: list[tuple[int, PartitionState, list[Accepted], list[bytes]]]
-    ) -> None:
-        merged = [item for _, _, batch, _ in decoded for item in batch]
+    async def _route_group(self, decoded: list[Decoded]) -> None:
+        merged = [item for part in decoded for item in part.batch]
+        record = {nid for part in decoded for nid in part.record}
         started = time.perf_counter()
         try:
-            result = await self.router.route_many(merged, mailbox_up=True)
+            result = await self.router.route_many(merged, mailbox_up=True, record=record)
         except BackendUnavailable as exc:
             if exc.backend != "postgres":
                 self._retry_later(decoded, exc)
@@ -480,78 +501,75 @@ class ClusterRouter:
             return
         self.metrics.router_batch_seconds.observe(time.perf_counter() - started)
         start = 0
-        for p, state, batch, ids in decoded:
-            reports = result.reports[start:start + len(batch)]
-            start += len(batch)
+        for part in decoded:
+            reports = result.reports[start:start + len(part.batch)]
+            start += len(part.batch)
             if any(r.failed for r in reports):
-                state.claim_needed = True
+                part.state.claim_needed = True
                 continue
-            self.routed += len(batch)
-            self.metrics.routed.inc(len(batch))
-            if ids:
-                self.unacked.append((p, ids))
+            self.routed += len(part.batch)
+            self.metrics.routed.inc(len(part.batch))
+            if part.ids:
+                self.unacked.append((part.p, part.ids))
+            self.recorded.extend(part.record)
 
-    def _retry_later(
-        self, decoded: list[tuple[int, PartitionState, list[Accepted], list[bytes]]],
-        exc: Exception,
-    ) -> None:
+    def _retry_later(self, decoded: list[Decoded], exc: Exception) -> None:
         # Redis trouble mid-batch: leave the entries pending and claim them again.
         log.warning("partitions %s: routing failed (%s); will retry",
-                    [p for p, _, _, _ in decoded], exc)
-        for _, state, _, _ in decoded:
-            state.claim_needed = True
+                    [part.p for part in decoded], exc)
+        for part in decoded:
+            part.state.claim_needed = True
 
-    async def _route_each(
-        self, decoded: list[tuple[int, PartitionState, list[Accepted], list[bytes]]]
-    ) -> None:
+    async def _route_each(self, decoded: list[Decoded]) -> None:
         """Route partitions separately (concurrently; each keeps its own order)."""
-        outcomes = await asyncio.gather(
-            *(self._route(p, state, batch, ids) for p, state, batch, ids in decoded),
-            return_exceptions=True,
-        )
+        outcomes = await asyncio.gather(*(self._route(part) for part in decoded),
+                                        return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
 
-    async def _decode(self, p: int, entries: list[Any]) -> tuple[list[Accepted], list[bytes]]:
+    async def _decode(self, p: int, entries: list[Any]) -> Decoded:
         """Decoded entries and their ids; undecodable entries are acknowledged and dropped."""
-        batch: list[Accepted] = []
-        ids: list[bytes] = []
+        part = Decoded(p, self.state[p])
         dropped: list[bytes] = []
         for entry_id, fields in entries:
             if not fields or b"e" not in fields:
                 dropped.append(entry_id)
                 continue
             try:
-                batch.append(decode_accepted(fields[b"e"]))
-                ids.append(entry_id)
+                notification, target, record = decode_entry(fields[b"e"])
             except Exception:
                 log.exception("partition %d: dropping undecodable entry %r", p, entry_id)
                 dropped.append(entry_id)
+                continue
+            part.batch.append((notification, target))
+            part.ids.append(entry_id)
+            if record:
+                part.record.append(notification.id)
         if dropped:
             await self._ack(p, dropped)
-        return batch, ids
+        return part
 
     async def _process(self, p: int, entries: list[Any]) -> None:
-        state = self.state[p]
-        batch, ids = await self._decode(p, entries)
-        if batch:
-            await self._route(p, state, batch, ids)
+        part = await self._decode(p, entries)
+        if part.batch:
+            await self._route(part)
 
-    async def _route(
-        self, p: int, state: PartitionState, batch: list[Accepted], ids: list[bytes]
-    ) -> None:
-        mailbox_up = not state.backlog_puts
+    async def _route(self, part: Decoded) -> None:
+        p, state = part.p, part.state
+        mailbox_up = not state.backlog_ids
         started = time.perf_counter()
         try:
             try:
-                result = await self.router.route_many(batch, mailbox_up=mailbox_up)
+                result = await self.router.route_many(
+                    part.batch, mailbox_up=mailbox_up, record=set(part.record))
             except BackendUnavailable as exc:
                 if exc.backend != "postgres":
                     raise
                 log.warning("partition %d: mailbox unavailable, delivering live only", p)
                 self.metrics.backend_up.labels("postgres").set(0)
-                result = await self.router.route_many(batch, mailbox_up=False)
+                result = await self.router.route_many(
+                    part.batch, mailbox_up=False, record=set(part.record))
         except Exception as exc:
             # Redis trouble mid-batch: leave the entries pending and claim them again.
             log.warning("partition %d: routing failed (%s); will retry", p, exc)
@@ -562,13 +580,15 @@ class ClusterRouter:
         if any(r.failed for r in result.reports):
             state.claim_needed = True
             return
-        self.routed += len(batch)
-        self.metrics.routed.inc(len(batch))
-        if result.unwritten or state.backlog_puts:
-            state.backlog_ids.extend(ids)
+        self.routed += len(part.batch)
+        self.metrics.routed.inc(len(part.batch))
+        if result.unwritten or result.unwritten_receipts or state.backlog_ids:
+            state.backlog_ids.extend(part.ids)
             state.backlog_puts.extend(result.unwritten)
+            state.backlog_receipts.extend(result.unwritten_receipts)
             return
-        await self._ack(p, ids)
+        await self._ack(p, part.ids)
+        self.recorded.extend(part.record)
 
     async def _retry_backlogs(self) -> None:
         for p, state in list(self.state.items()):
@@ -578,15 +598,17 @@ class ClusterRouter:
                 if p not in self.state or not self.leases.holds(p):
                     continue
                 try:
-                    await self.mailbox.put(state.backlog_puts)
+                    await self.mailbox.put(state.backlog_puts, state.backlog_receipts)
                 except BackendUnavailable:
                     return
-                log.info("partition %d: wrote %d delayed mailbox entries", p,
-                         len(state.backlog_puts))
+                log.info("partition %d: wrote %d delayed mailbox entries and %d receipts", p,
+                         len(state.backlog_puts), len(state.backlog_receipts))
                 self.metrics.backend_up.labels("postgres").set(1)
                 await self._ack(p, state.backlog_ids)
+                self.recorded.extend(n.id for n, _, _ in state.backlog_receipts)
                 state.backlog_ids.clear()
                 state.backlog_puts.clear()
+                state.backlog_receipts.clear()
 
     async def _ack(self, p: int, ids: list[bytes]) -> None:
         await self._ack_many([(p, ids)])

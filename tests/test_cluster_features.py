@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 
+import asyncpg
 import pytest
+import redis.asyncio as aioredis
 import websockets
 from cluster_harness import Client, api, running_cluster
 
@@ -116,3 +118,55 @@ async def test_per_tenant_connection_limit_counts_every_gateway(tmp_path):
                 assert ws.close_code == 4029
             async with Client.connect(b.ws, cluster.token("t1", tenant="other")):
                 pass
+
+
+async def test_a_receipt_reads_right_after_the_send_and_the_router_then_writes_it(tmp_path):
+    async with running_cluster(tmp_path, gateways=2, routers=0) as cluster:
+        a, b = cluster.gateways()
+        redis = aioredis.from_url(cluster.redis_url)
+        pg = await asyncpg.connect(cluster.database_url)
+        try:
+            async with api(a.base) as on_a, api(b.base) as on_b:
+                sent = await on_a.post("/api/v1/notifications/send", json={
+                    "target_user_id": "rita", "event_type": "x"})
+                nid = sent.json()["notification_id"]
+                # No router runs yet: the other gateway answers from the pending record.
+                early = await on_b.get(f"/api/v1/notifications/{nid}")
+                assert early.status_code == 200, early.text
+                assert early.json()["delivered_to"] == 0 and early.json()["pending"] == ["rita"]
+                assert await pg.fetchval(
+                    "SELECT count(*) FROM ara_receipts WHERE notification_id = $1", nid) == 0
+                assert (await on_b.get("/api/v1/notifications/" + "0" * 32)).status_code == 404
+                # The router writes the receipt with the mailbox row, then drops the record.
+                cluster.start("router")
+                await cluster.wait_routed()
+                key = f"{cluster.prefix}:rcpt:{{{nid}}}"
+                for _ in range(100):
+                    if not await redis.exists(key):
+                        break
+                    await asyncio.sleep(0.1)
+                assert not await redis.exists(key)
+                assert await pg.fetchval(
+                    "SELECT count(*) FROM ara_receipts WHERE notification_id = $1", nid) == 1
+                async with Client.connect(a.ws, cluster.token("rita")) as rita:
+                    [got] = await rita.notifications(1)
+                    assert got["id"] == nid
+                    await rita.send({"type": "Ack", "payload": {"notification_id": nid}})
+                    assert (await rita.recv())["type"] == "acked"
+                receipt = (await on_b.get(f"/api/v1/notifications/{nid}")).json()
+                assert [r["user_id"] for r in receipt["acked_by"]] == ["rita"]
+                # Split over several partitions no router sees it whole: the gateway writes
+                # its receipt before answering, every user in it.
+                users = [f"u{i}" for i in range(20)]
+                many = await on_a.post("/api/v1/notifications/send-to-users", json={
+                    "target_user_ids": users, "event_type": "x"})
+                many_id = many.json()["notification_id"]
+                assert await pg.fetchval(
+                    "SELECT count(*) FROM ara_receipt_users WHERE notification_id = $1",
+                    many_id) == 20
+                assert not await redis.exists(f"{cluster.prefix}:rcpt:{{{many_id}}}")
+                assert (await on_b.get(f"/api/v1/notifications/{many_id}")).json()[
+                    "pending"] == users
+        finally:
+            await pg.close()
+            await redis.aclose()

@@ -16,12 +16,13 @@ import random
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 import pytest
 
-from common.backends.base import Delivery, MailboxPut, SessionInfo
-from common.backends.postgres import PostgresHandle, PostgresMailbox, migrate
+from common.backends.base import Delivery, MailboxPut, ReceiptRow, SessionInfo
+from common.backends.postgres import PostgresHandle, PostgresMailbox, PostgresReceipts, migrate
 from common.protocol import Notification, Target
 from common.settings import load_settings
 from router.routing import Router
@@ -236,8 +237,10 @@ class LoggedMailbox(PostgresMailbox):
         super().__init__(pg, 100)
         self.log = log
 
-    async def put(self, items: Sequence[MailboxPut]) -> None:
-        await super().put(items)
+    async def put(
+        self, items: Sequence[MailboxPut], receipts: Sequence[ReceiptRow] = ()
+    ) -> None:
+        await super().put(items, receipts)
         self.log.append("committed")
 
     async def mark_delivered(self, tenant_id: str, pairs: Sequence[tuple[str, str]]) -> None:
@@ -305,5 +308,92 @@ async def test_router_flags_rows_from_a_recent_lookup_but_always_looks_up_to_del
         third = Notification.create("t", "e", {}, default_ttl=60)
         await router.dispatch(third, Target("user", user_ids=("late",)))
         assert log[:3] == ["lookup", "committed", "lookup"]
+    finally:
+        await pg.close()
+
+
+async def test_router_records_receipts_in_its_write_before_delivering_and_recounts(
+    dsn: str,
+) -> None:
+    log: list[str] = []
+    pg = PostgresHandle(dsn)
+    await pg.open()
+    try:
+        mailbox = LoggedMailbox(pg, log)
+        receipts = PostgresReceipts(pg)
+        seen_at_delivery: list[int | None] = []
+
+        class Checking(Recorder):
+            async def deliver(self, node_id: str, delivery: Delivery) -> None:
+                got = await receipts.get("t", delivery.notification.id)
+                seen_at_delivery.append(None if got is None else got.delivered_to)
+                await super().deliver(node_id, delivery)
+
+        # "late" connects between the lookup the write is made with and the one that
+        # decides the delivery: the receipt is written with 1, then recounted to 2.
+        sessions = Sessions([{"on": ["n1"]}, {"on": ["n1"], "late": ["n3"]}], log)
+        router = Router(load_settings(jwt_secret=TEST_JWT_SECRET), sessions,  # type: ignore[arg-type]
+                        mailbox, Checking(log), receipts)
+        n = Notification.create("t", "e", {}, default_ttl=60)
+        skipped = Notification.create("t", "e", {}, default_ttl=60)
+        target = Target("users", user_ids=("on", "late"))
+        result = await router.route_many([(n, target), (skipped, target)], record={n.id})
+        assert log[:3] == ["lookup", "committed", "lookup"]
+        # Every delivery found the receipt already written (an ACK cannot beat it).
+        assert seen_at_delivery and all(count is not None for count in seen_at_delivery[:2])
+        assert result.reports[0].delivered_to == 2
+        got = await receipts.get("t", n.id)
+        assert got is not None and got.delivered_to == 2 and got.target == target
+        # Only the notifications named in ``record`` get a receipt from the router.
+        assert await receipts.get("t", skipped.id) is None
+        # With Postgres away the receipts come back with the rows, for the retry.
+        later = Notification.create("t", "e", {}, default_ttl=60)
+        down = await router.route_many([(later, target)], mailbox_up=False, record={later.id})
+        assert [r[0].id for r in down.unwritten_receipts] == [later.id]
+        assert await receipts.get("t", later.id) is None
+    finally:
+        await pg.close()
+
+
+@dataclass
+class PipelinedSessions(Sessions):
+    """``Sessions`` that can also run delivery commands in its lookup's round trip."""
+
+    ran: list[list[tuple[str, Delivery]]] = field(default_factory=list)
+
+    async def sessions_with(
+        self, by_tenant: dict[str, list[str]], commands: Sequence[Any]
+    ) -> tuple[dict[tuple[str, str], list[SessionInfo]], list[Any]]:
+        found = {(tenant, u): sessions for tenant, users in by_tenant.items()
+                 for u, sessions in (await self.sessions_of(tenant, users)).items()}
+        self.log.append(f"ahead {sorted(node for node, _ in commands)}")
+        return found, [1 for _ in commands]
+
+
+class CommandRecorder(Recorder):
+    def commands(self, items: Sequence[tuple[str, Delivery]]) -> list[tuple[str, Delivery]]:
+        return list(items)
+
+
+async def test_router_sends_ahead_to_the_gateways_it_knew_and_follows_up_on_new_ones(
+    dsn: str,
+) -> None:
+    log: list[str] = []
+    pg = PostgresHandle(dsn)
+    await pg.open()
+    try:
+        # Before the write "a" is on n1 and "b" on n2; after it "a" is on n1 and n4 and
+        # "b" has left: n1 and n2 are sent to with the lookup, n4 once it has answered.
+        sessions = PipelinedSessions([{"a": ["n1"], "b": ["n2"]}, {"a": ["n1", "n4"]}], log)
+        delivery = CommandRecorder(log)
+        router = Router(load_settings(jwt_secret=TEST_JWT_SECRET), sessions,  # type: ignore[arg-type]
+                        LoggedMailbox(pg, log), delivery)
+        n = Notification.create("t", "e", {}, default_ttl=60)
+        report = await router.dispatch(n, Target("users", user_ids=("a", "b")))
+        assert log[:4] == ["lookup", "committed", "lookup", "ahead ['n1', 'n2']"]
+        # Only the gateway the lookup found and nobody had sent to is delivered to after.
+        assert [node for node, _ in delivery.deliveries] == ["n4"]
+        assert delivery.deliveries[0][1].user_ids == ("a",)
+        assert report.delivered_to == 2 and report.users["b"].queued
     finally:
         await pg.close()

@@ -1,7 +1,9 @@
 """Postgres receipts: one send alone and many coalesced sends record the same thing.
 
 A lone receipt is written with scalar parameters, concurrent ones share one
-statement of arrays; both must give the same rows, recipients and updates.
+statement of arrays; both must give the same rows, recipients and updates. A
+router records receipts in its mailbox write, and a cluster gateway answers for
+one not routed yet from the record the send left in Redis.
 """
 
 from __future__ import annotations
@@ -12,9 +14,16 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from common.backends.postgres import PostgresHandle, PostgresReceipts, migrate
+from common.backends.base import MailboxPut
+from common.backends.postgres import PostgresHandle, PostgresMailbox, PostgresReceipts, migrate
+from common.backends.redis_client import RedisHandle
+from common.backends.redis_receipts import (
+    ClusterReceipts,
+    forget_pending_commands,
+    pending_receipt_command,
+)
 from common.protocol import Notification, Target
-from tests.cluster_harness import create_database, drop_database, pg_admin_dsn
+from tests.cluster_harness import RedisServer, create_database, drop_database, pg_admin_dsn
 
 pytestmark = pytest.mark.cluster
 
@@ -69,3 +78,54 @@ async def test_coalesced_receipts_match_lone_ones(receipts: PostgresReceipts) ->
         if t.kind == "user":
             assert await receipts.ack("t", n.id, f"u{i}", "c", time.time()) == "acked"
             assert await receipts.ack("t", n.id, "other", "c", time.time()) == "not_yours"
+
+
+async def test_a_mailbox_write_records_its_receipts_in_the_same_write(
+    receipts: PostgresReceipts,
+) -> None:
+    box = PostgresMailbox(receipts.pg, 100)
+    # Small writes are one INSERT with the receipts; large ones a COPY plus the receipts.
+    for size in (1, PostgresMailbox.SMALL_WRITE + 10):
+        notes = [note(i) for i in range(size)]
+        puts = [MailboxPut(f"u{i}", n, i % 2 == 0) for i, n in enumerate(notes)]
+        rows = [(n, Target("user", user_ids=(f"u{i}",)), i % 2) for i, n in enumerate(notes)]
+        await box.put(puts, rows)
+        # Routed again (a failover): existing rows are skipped, receipts updated.
+        await box.put(puts, [(n, t, 7) for n, t, _ in rows])
+        for i, n in enumerate(notes):
+            got = await receipts.get("t", n.id)
+            assert got is not None and got.delivered_to == 7
+            assert got.target == Target("user", user_ids=(f"u{i}",))
+            assert [e.notification.id for e in await box.pending("t", f"u{i}")][-1:] == [n.id]
+            assert await receipts.ack("t", n.id, "stranger", "c", time.time()) == "not_yours"
+    # Receipts alone (a channel batch has no mailbox rows).
+    lone = note(99)
+    await box.put([], [(lone, Target("channel", channels=("c",)), 3)])
+    got = await receipts.get("t", lone.id)
+    assert got is not None and got.delivered_to == 3
+    await receipts.set_delivered([(lone.id, 4)])
+    again = await receipts.get("t", lone.id)
+    assert again is not None and again.delivered_to == 4
+
+
+async def test_a_cluster_gateway_reads_a_receipt_not_yet_routed_from_its_pending_record(
+    receipts: PostgresReceipts, redis_server: RedisServer,
+) -> None:
+    handle = RedisHandle(redis_server.url, "rcpt")
+    try:
+        view = ClusterReceipts(receipts, handle)
+        n = note(1)
+        target = Target("users", user_ids=("a", "b"))
+        await handle.execute([pending_receipt_command(handle.keys, n, target)])
+        got = await view.get("t", n.id)
+        assert got is not None and got.target == target and got.delivered_to == 0
+        assert got.created_at == n.created_at and got.expires_at == n.expires_at
+        assert await view.get("other-tenant", n.id) is None
+        # Once the router has recorded it, the row answers and the record can go.
+        await PostgresMailbox(receipts.pg, 100).put([], [(n, target, 2)])
+        await handle.execute(forget_pending_commands(handle.keys, [n.id]))
+        stored = await view.get("t", n.id)
+        assert stored is not None and stored.delivered_to == 2
+        assert await view.get("t", note(2).id) is None
+    finally:
+        await handle.close()

@@ -63,6 +63,9 @@ class RouteReport:
     channels: dict[str, int] = field(default_factory=dict)
     failed: int = 0
     error: str | None = None
+    # The router records this notification's receipt (with its mailbox rows, before
+    # it delivers); the accepting side then writes none (``Sender.send``).
+    receipt_by_router: bool = False
 
     @property
     def queued(self) -> bool:
@@ -88,6 +91,11 @@ class MailboxPut:
     user_id: str
     notification: Notification
     delivered: bool
+
+
+# A receipt to record: the notification, its whole target, and how many live
+# connections it was routed to.
+ReceiptRow = tuple[Notification, Target, int]
 
 
 class SessionStore(Protocol):
@@ -135,7 +143,16 @@ class NodeDelivery(Protocol):
 class Mailbox(Protocol):
     """Per-user offline queue and at-least-once mailbox, bounded and expiring."""
 
-    async def put(self, items: Sequence[MailboxPut]) -> None: ...
+    async def put(
+        self, items: Sequence[MailboxPut], receipts: Sequence[ReceiptRow] = ()
+    ) -> None:
+        """Store ``items`` in order; ``receipts`` are recorded in the same write.
+
+        A router routes a batch with one durable write before it delivers: the
+        batch's mailbox rows and the receipts it records (a mailbox and the
+        receipts share one database in every backend).
+        """
+        ...
 
     async def pending(self, tenant_id: str, user_id: str) -> list[MailboxEntry]: ...
 
@@ -183,6 +200,10 @@ class ReceiptStore(Protocol):
     async def record(
         self, notification: Notification, target: Target, delivered_to: int
     ) -> None: ...
+
+    async def set_delivered(self, counts: Sequence[tuple[str, int]]) -> None:
+        """Correct recorded receipts' ``delivered_to`` ((notification id, count) pairs)."""
+        ...
 
     async def ack(
         self, tenant_id: str, notification_id: str, user_id: str, connection_id: str, now: float

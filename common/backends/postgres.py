@@ -27,6 +27,7 @@ from common.backends.base import (
     MailboxEntry,
     MailboxPut,
     Receipt,
+    ReceiptRow,
     Template,
     decode_template,
     encode_template,
@@ -371,6 +372,7 @@ class PostgresMailbox:
     """
 
     MAX_BATCH = 5000
+    SMALL_WRITE = 64
     # A purge trims the users of rows above ``ara_mailbox_trim.upto`` minus this
     # much. ``seq`` values are drawn when a row is inserted and become visible at
     # commit, so a write still in flight during the previous purge can commit rows
@@ -381,28 +383,37 @@ class PostgresMailbox:
         self.pg = pg
         self.max_per_user = max_per_user
         self.dropped = 0
-        self._puts: Coalescer[MailboxPut] = Coalescer(self._put, self.MAX_BATCH)
+        self._puts: Coalescer[MailboxPut | ReceiptRow] = Coalescer(self._put, self.MAX_BATCH)
         self._marks: Coalescer[tuple[str, str, str]] = Coalescer(
             self._mark_delivered, self.MAX_BATCH
         )
 
-    async def put(self, items: Sequence[MailboxPut]) -> None:
-        if items:
-            await self._puts.submit(items)
+    async def put(
+        self, items: Sequence[MailboxPut], receipts: Sequence[ReceiptRow] = ()
+    ) -> None:
+        if items or receipts:
+            await self._puts.submit([*items, *receipts])
 
-    async def _put(self, items: list[MailboxPut]) -> None:
-        """Insert in order; the bound is applied by readers (see the class docstring).
+    async def _put(self, writes: list[MailboxPut | ReceiptRow]) -> None:
+        """Insert in order, with the receipts; the bound is applied by readers (see the
+        class docstring).
 
         A user with more than ``max_per_user`` items in the batch only gets the newest
         ones inserted: the others could never be read, so they are not written.
 
-        The rows go in with one ``COPY`` straight into ``ara_mailbox``, which has no
-        ``ON CONFLICT``: a row that is already there (an entry routed a second time,
-        after a router failed over or an acknowledgement failed) makes the whole
-        ``COPY`` fail and roll back, and then the batch is written again with
-        ``INSERT ... ON CONFLICT DO NOTHING``, which skips it. That is rare, and
-        cheaper than paying a staging table or the ``unnest`` encoding on every batch.
+        A write of up to ``SMALL_WRITE`` rows (every batch below a few thousand
+        notifications a second) is one ``INSERT ... ON CONFLICT DO NOTHING`` that
+        records the receipts in the same statement: one round trip, where a ``COPY``
+        takes two (its start, then the data). A larger one goes in with one ``COPY``
+        straight into ``ara_mailbox``, which has no ``ON CONFLICT``: a row that is
+        already there (an entry routed a second time, after a router failed over or
+        an acknowledgement failed) makes the whole ``COPY`` fail and roll back, and
+        then the batch is written again with the ``INSERT``, which skips it. That is
+        rare, and cheaper than paying a staging table or the ``unnest`` encoding on
+        every large batch; its receipts go in a statement of their own first.
         """
+        items = [w for w in writes if isinstance(w, MailboxPut)]
+        receipts = [w for w in writes if not isinstance(w, MailboxPut)]
         per_user = Counter((i.notification.tenant_id, i.user_id) for i in items)
         if any(n > self.max_per_user for n in per_user.values()):
             keep: Counter[tuple[str, str]] = Counter()
@@ -419,20 +430,24 @@ class PostgresMailbox:
             for i in items
             for n in (i.notification,)
         ]
+        if len(rows) <= self.SMALL_WRITE:
+            await self._insert(rows, receipts)
+            return
+        if receipts:
+            await self._insert([], receipts)
         try:
             await self.pg.copy_records("ara_mailbox", self._COLUMNS, rows)
         except asyncpg.exceptions.UniqueViolationError:
-            await self._insert_skipping_duplicates(rows)
+            await self._insert(rows, [])
 
     _COLUMNS = ("tenant_id", "user_id", "notification_id", "record", "expires_at", "delivered")
 
-    async def _insert_skipping_duplicates(self, rows: list[tuple[Any, ...]]) -> None:
-        """The ``COPY`` fallback: the same rows in order, existing ones skipped."""
-        if not rows:
-            return
-        columns = list(zip(*rows, strict=True))
+    async def _insert(self, rows: list[tuple[Any, ...]], receipts: Sequence[ReceiptRow]) -> None:
+        """Mailbox rows in order (existing ones skipped) and receipts, one statement."""
+        columns = list(zip(*rows, strict=True)) if rows else [() for _ in self._COLUMNS]
         await self.pg.execute(
-            """
+            f"""
+            WITH {receipt_ctes(7)}
             INSERT INTO ara_mailbox
                 (tenant_id, user_id, notification_id, record, expires_at, delivered)
             SELECT tenant_id, user_id, notification_id, record, expires_at, delivered
@@ -443,7 +458,7 @@ class PostgresMailbox:
             ORDER BY ord
             ON CONFLICT DO NOTHING
             """,
-            *(list(c) for c in columns),
+            *(list(c) for c in columns), *receipt_arrays(receipts),
         )
 
     async def pending(self, tenant_id: str, user_id: str) -> list[MailboxEntry]:
@@ -589,14 +604,57 @@ class PostgresMailbox:
         return int(row["n"]) if row else 0
 
 
-ReceiptRow = tuple[Notification, Target, int]
+def receipt_ctes(first: int) -> str:
+    """Two data-modifying ``WITH`` items that upsert receipts and their users from the
+    nine arrays of ``receipt_arrays``, numbered from ``$first``."""
+    a = [f"${first + k}" for k in range(9)]
+    return f"""
+    r AS (
+        INSERT INTO ara_receipts (notification_id, tenant_id, target, event_type,
+                                  created_at, expires_at, delivered_to)
+        SELECT id, tenant, target::jsonb, event_type, created_at, expires_at, delivered
+        FROM unnest({a[0]}::text[], {a[1]}::text[], {a[2]}::text[], {a[3]}::text[],
+                    {a[4]}::float8[], {a[5]}::float8[], {a[6]}::int[])
+            AS t(id, tenant, target, event_type, created_at, expires_at, delivered)
+        ON CONFLICT (notification_id) DO UPDATE SET delivered_to = EXCLUDED.delivered_to
+    ),
+    ru AS (
+        INSERT INTO ara_receipt_users (notification_id, user_id)
+        SELECT * FROM unnest({a[7]}::text[], {a[8]}::text[]) ON CONFLICT DO NOTHING
+    )"""
+
+
+def receipt_arrays(rows: Sequence[ReceiptRow]) -> list[list[Any]]:
+    """The parameters of ``receipt_ctes``: one receipt per notification (the last row of
+    each wins: one statement may not update the same receipt twice) and its users."""
+    latest: dict[str, ReceiptRow] = {}
+    for row in rows:
+        latest[row[0].id] = row
+    receipts = list(latest.values())
+    pairs = list(dict.fromkeys(
+        (n.id, user) for n, target, _ in rows for user in target.user_ids
+    ))
+    return [
+        [n.id for n, _, _ in receipts],
+        [n.tenant_id for n, _, _ in receipts],
+        [jsoncodec.dumps_str(t.to_dict()) for _, t, _ in receipts],
+        [n.event_type for n, _, _ in receipts],
+        [n.created_at for n, _, _ in receipts],
+        [n.expires_at for n, _, _ in receipts],
+        [d for _, _, d in receipts],
+        [p[0] for p in pairs],
+        [p[1] for p in pairs],
+    ]
 
 
 class PostgresReceipts:
     """``ReceiptStore`` on Postgres.
 
-    Receipts are written on every send's request path; concurrent sends share one
-    multi-row statement through a ``Coalescer`` (each send still waits for its own).
+    Most receipts are written by the router, in the statement that writes its batch's
+    mailbox rows (``PostgresMailbox.put``). ``record`` is for those the accepting
+    gateway writes itself (a notification split over several partitions, which no
+    one router sees whole): concurrent sends share one multi-row statement through
+    a ``Coalescer`` (each send still waits for its own).
     """
 
     MAX_BATCH = 1000
@@ -634,32 +692,15 @@ class PostgresReceipts:
                 list(dict.fromkeys(u for _, t, _ in rows for u in t.user_ids)),
             )
             return
-        pairs = list(dict.fromkeys(
-            (n.id, user) for n, target, _ in rows for user in target.user_ids
-        ))
+        await self.pg.execute(f"WITH {receipt_ctes(1)} SELECT 1", *receipt_arrays(rows))
+
+    async def set_delivered(self, counts: Sequence[tuple[str, int]]) -> None:
+        if not counts:
+            return
         await self.pg.execute(
-            """
-            WITH r AS (
-                INSERT INTO ara_receipts (notification_id, tenant_id, target, event_type,
-                                          created_at, expires_at, delivered_to)
-                SELECT id, tenant, target::jsonb, event_type, created_at, expires_at, delivered
-                FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::float8[],
-                            $6::float8[], $7::int[])
-                    AS t(id, tenant, target, event_type, created_at, expires_at, delivered)
-                ON CONFLICT (notification_id) DO UPDATE SET delivered_to = EXCLUDED.delivered_to
-            )
-            INSERT INTO ara_receipt_users (notification_id, user_id)
-            SELECT * FROM unnest($8::text[], $9::text[]) ON CONFLICT DO NOTHING
-            """,
-            [n.id for n, _, _ in receipts],
-            [n.tenant_id for n, _, _ in receipts],
-            [jsoncodec.dumps_str(t.to_dict()) for _, t, _ in receipts],
-            [n.event_type for n, _, _ in receipts],
-            [n.created_at for n, _, _ in receipts],
-            [n.expires_at for n, _, _ in receipts],
-            [d for _, _, d in receipts],
-            [p[0] for p in pairs],
-            [p[1] for p in pairs],
+            "UPDATE ara_receipts r SET delivered_to = t.n"
+            " FROM unnest($1::text[], $2::int[]) AS t(id, n) WHERE r.notification_id = t.id",
+            [c[0] for c in counts], [c[1] for c in counts],
         )
 
     async def ack(

@@ -80,6 +80,9 @@ class Keys:
     def node_stream(self, node_id: str) -> str:
         return f"{self.prefix}:node:{{{node_id}}}"
 
+    def pending_receipt(self, notification_id: str) -> str:
+        return f"{self.prefix}:rcpt:{{{notification_id}}}"
+
     def ratelimit(self, key: str) -> str:
         return f"{self.prefix}:rl:{{{key}}}"
 

@@ -11,6 +11,7 @@ from collections import defaultdict
 
 from common.backends.base import RouteReport, UserOutcome
 from common.backends.redis_lane import pairs_to_dict
+from common.backends.redis_receipts import pending_receipt_command
 from common.backends.redis_sessions import (
     RedisSessionStore,
     parse_channel_nodes,
@@ -60,10 +61,12 @@ class ClusterDispatcher:
     async def dispatch(self, notification: Notification, target: Target) -> RouteReport:
         n = notification
         keys = self.sessions.keys
-        entries = [
-            (partition, encode_accepted(n, part))
-            for partition, part in split_by_partition(n, target, self.partitions)
-        ]
+        parts = split_by_partition(n, target, self.partitions)
+        # One entry: its router sees the whole notification and records the receipt
+        # (with the batch's mailbox rows, before delivering). Split over several, no
+        # router does, and the sender records it (``Sender.send``).
+        by_router = len(parts) == 1
+        entries = [(partition, encode_accepted(n, part, by_router)) for partition, part in parts]
         if target.kind in ("user", "users"):
             names = list(dict.fromkeys(target.user_ids))
             reads = [keys.session(n.tenant_id, u) for u in names]
@@ -74,11 +77,15 @@ class ClusterDispatcher:
             names = []
             reads = [keys.tenant_conns(n.tenant_id)]
 
-        commands = [self.sessions.live_read_command(), *(("HGETALL", key) for key in reads),
-                    *self.producer.commands(entries)]
+        commands = [self.sessions.live_read_command(), *(("HGETALL", key) for key in reads)]
+        if by_router:
+            commands.append(pending_receipt_command(keys, n, target))
+        commands += self.producer.commands(entries)
         members, *replies = (await self.sessions.redis.execute(commands))[:len(reads) + 1]
         rows = [pairs_to_dict(reply) for reply in replies]
-        return self._report(n, target, names, rows, parse_live(members))
+        report = self._report(n, target, names, rows, parse_live(members))
+        report.receipt_by_router = by_router
+        return report
 
     def _report(
         self, n: Notification, target: Target, names: list[str],

@@ -259,6 +259,32 @@ class RedisSessionStore:
             [self.keys.session(tenant_id, u) for u in user_ids])
         return parse_sessions(tenant_id, user_ids, rows, live)
 
+    async def sessions_with(
+        self, by_tenant: dict[str, list[str]], commands: Sequence[Command]
+    ) -> tuple[dict[tuple[str, str], list[SessionInfo]], list[Any]]:
+        """Sessions of the users (per tenant) and ``commands`` run in the same round
+        trip, after the reads: the router's lookup and the deliveries it can send
+        before knowing its answer. Returns the sessions by (tenant, user) and the
+        commands' raw replies (error replies left in place)."""
+        keys = [self.keys.session(tenant, u) for tenant, users in by_tenant.items()
+                for u in users]
+        replies = await self.redis.execute(
+            [self.live_read_command(), *(("HGETALL", key) for key in keys), *commands],
+            raise_on_error=False)
+        reads = replies[:len(keys) + 1]
+        for reply in reads:
+            if isinstance(reply, Exception):
+                raise reply
+        live = parse_live(reads[0])
+        self._live_cache = (time.monotonic(), live)
+        rows = iter(pairs_to_dict(reply) for reply in reads[1:])
+        found: dict[tuple[str, str], list[SessionInfo]] = {}
+        for tenant, users in by_tenant.items():
+            parsed = parse_sessions(tenant, users, [next(rows) for _ in users], live)
+            for user, sessions in parsed.items():
+                found[(tenant, user)] = sessions
+        return found, replies[len(keys) + 1:]
+
     async def channel_nodes(
         self, tenant_id: str, channels: Sequence[str]
     ) -> dict[str, dict[str, int]]:

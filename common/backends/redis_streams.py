@@ -24,14 +24,27 @@ GROUP = "routers"
 NODE_STREAM_MAXLEN = 100_000
 
 
-def encode_accepted(notification: Notification, target: Target) -> bytes:
+def encode_accepted(
+    notification: Notification, target: Target, record_receipt: bool = False
+) -> bytes:
+    """A partition entry; ``record_receipt``: the router records the receipt."""
     record = orjson.Fragment(notification.record_json())
-    return jsoncodec.dumps({"n": record, "t": target.to_dict()})
+    body: dict[str, Any] = {"n": record, "t": target.to_dict()}
+    if record_receipt:
+        body["r"] = 1
+    return jsoncodec.dumps(body)
+
+
+def decode_entry(raw: bytes) -> tuple[Notification, Target, bool]:
+    """A partition entry: the notification, its target, whether to record its receipt."""
+    data = jsoncodec.loads(raw)
+    return (Notification.from_record(data["n"]), Target.from_dict(data["t"]),
+            data.get("r") == 1)
 
 
 def decode_accepted(raw: bytes) -> tuple[Notification, Target]:
-    data = jsoncodec.loads(raw)
-    return Notification.from_record(data["n"]), Target.from_dict(data["t"])
+    notification, target, _ = decode_entry(raw)
+    return notification, target
 
 
 def encode_delivery(delivery: Delivery) -> bytes:
@@ -92,8 +105,12 @@ class RedisNodeDelivery:
 
     async def deliver_many(self, items: Sequence[tuple[str, Delivery]]) -> None:
         """Append each delivery to its gateway's stream, in order; one round trip."""
-        if not items:
-            return
+        if items:
+            await self.redis.execute(self.commands(items))
+
+    def commands(self, items: Sequence[tuple[str, Delivery]]) -> list[Command]:
+        """The appends of ``deliver_many`` as raw commands, for a round trip the caller
+        makes: one per gateway, each delivery encoded once however many gateways get it."""
         keys = self.redis.keys
         encoded: dict[int, bytes] = {}
         by_node: dict[str, list[bytes]] = {}
@@ -111,4 +128,4 @@ class RedisNodeDelivery:
             else:
                 commands.append(("EVAL", XADD_MANY, 1, keys.node_stream(node_id),
                                  NODE_STREAM_MAXLEN, *payloads))
-        await self.redis.execute(commands)
+        return commands

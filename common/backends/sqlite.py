@@ -22,6 +22,7 @@ from common.backends.base import (
     MailboxEntry,
     MailboxPut,
     Receipt,
+    ReceiptRow,
     Template,
     decode_template,
     encode_template,
@@ -130,10 +131,13 @@ class SQLiteMailbox:
         self.dropped = 0
 
     @serialized
-    async def put(self, items: Sequence[MailboxPut]) -> None:
-        if not items:
+    async def put(
+        self, items: Sequence[MailboxPut], receipts: Sequence[ReceiptRow] = ()
+    ) -> None:
+        if not items and not receipts:
             return
         db = self.database.conn
+        await write_receipts(db, receipts)
         rows = [
             (
                 n.notification.tenant_id,
@@ -227,15 +231,9 @@ class SQLiteMailbox:
         return int(row[0]) if row else 0
 
 
-class SQLiteReceipts:
-    """``ReceiptStore`` on SQLite."""
-
-    def __init__(self, database: SQLiteDatabase) -> None:
-        self.database = database
-
-    @serialized
-    async def record(self, notification: Notification, target: Target, delivered_to: int) -> None:
-        db = self.database.conn
+async def write_receipts(db: aiosqlite.Connection, rows: Sequence[ReceiptRow]) -> None:
+    """Upsert receipts and their users (the caller commits)."""
+    for notification, target, delivered_to in rows:
         await db.execute(
             "INSERT OR REPLACE INTO receipts"
             " (notification_id, tenant_id, target, event_type, created_at, expires_at,"
@@ -255,6 +253,29 @@ class SQLiteReceipts:
                 "INSERT OR IGNORE INTO receipt_users (notification_id, user_id) VALUES (?, ?)",
                 [(notification.id, u) for u in target.user_ids],
             )
+
+
+class SQLiteReceipts:
+    """``ReceiptStore`` on SQLite."""
+
+    def __init__(self, database: SQLiteDatabase) -> None:
+        self.database = database
+
+    @serialized
+    async def record(self, notification: Notification, target: Target, delivered_to: int) -> None:
+        db = self.database.conn
+        await write_receipts(db, [(notification, target, delivered_to)])
+        await db.commit()
+
+    @serialized
+    async def set_delivered(self, counts: Sequence[tuple[str, int]]) -> None:
+        if not counts:
+            return
+        db = self.database.conn
+        await db.executemany(
+            "UPDATE receipts SET delivered_to = ? WHERE notification_id = ?",
+            [(n, nid) for nid, n in counts],
+        )
         await db.commit()
 
     @serialized
