@@ -129,3 +129,24 @@ async def test_a_cluster_gateway_reads_a_receipt_not_yet_routed_from_its_pending
         assert await view.get("t", note(2).id) is None
     finally:
         await handle.close()
+
+
+async def test_ack_stats_count_each_recipient_once_whichever_schema_wrote_the_receipt(
+    receipts: PostgresReceipts,
+) -> None:
+    now = time.time()
+    lone, older, many = note(1), note(2), note(3)
+    await receipts.record(lone, Target("user", user_ids=("a",)), 1)
+    await receipts.record(older, Target("user", user_ids=("b",)), 1)
+    # Before schema 3 a single-user receipt had its recipient row as well.
+    await receipts.pg.execute(
+        "INSERT INTO ara_receipt_users (notification_id, user_id) VALUES ($1, 'b')", older.id)
+    await receipts.record(many, Target("users", user_ids=("c", "d")), 2)
+    assert await receipts.pg.fetch(
+        "SELECT 1 FROM ara_receipt_users WHERE notification_id = $1", lone.id) == []
+    assert await receipts.ack("t", lone.id, "a", "c1", now) == "acked"
+    assert await receipts.ack("t", older.id, "b", "c2", now) == "acked"
+    assert await receipts.ack("t", many.id, "c", "c3", now) == "acked"
+    assert await receipts.ack("t", lone.id, "b", "c4", now) == "not_yours"
+    stats = await receipts.stats("t", now, 30)
+    assert (stats.acknowledged, stats.pending) == (3, 1)
