@@ -110,7 +110,10 @@ class ClusterRouter:
         self.leases = Leases(self.redis, self.router_id, LEASE_TTL)
         self.state: dict[int, PartitionState] = {}
         self.reads = self.redis.blocking_lane(READ_BLOCK_MS / 1000)
-        self._stream_names: dict[int, str] = {}
+        self._stream_keys = [self.keys.partition(p) for p in range(self.partitions)]
+        # Partitions not read until their backlog (waiting for Postgres) is written.
+        self.full_backlogs: set[int] = set()
+        self._new_entries = (">",) * self.partitions  # XREADGROUP's id per stream
         self.linger = settings.router_batch_linger_ms / 1000
         # Routed entries whose XACK/XDEL rides with the next read (one round trip less
         # per batch); flushed before a lease is given back or the router leaves.
@@ -211,6 +214,7 @@ class ClusterRouter:
         for p in await self.leases.renew():
             log.warning("lease of partition %d was lost", p)
             self.state.pop(p, None)
+            self.full_backlogs.discard(p)
         held = set(self.leases.held())
         moving = sorted(held - desired)
         if moving:
@@ -219,6 +223,7 @@ class ClusterRouter:
                 await self.leases.release(moving)
                 for p in moving:
                     self.state.pop(p, None)
+                    self.full_backlogs.discard(p)
             log.info("released partitions %s", moving)
         won = await self.leases.acquire(sorted(desired - held))
         for p in won:
@@ -234,7 +239,7 @@ class ClusterRouter:
             return
 
         lengths = await self.redis.execute(
-            [("XLEN", self._stream_names.get(p) or self._stream_name(p)) for p in held])
+            [("XLEN", self._stream_keys[p]) for p in held])
         for p, length in zip(held, lengths, strict=True):
             self.metrics.router_lag.labels(str(p)).set(length)
 
@@ -284,12 +289,9 @@ class ClusterRouter:
                 async with self.lock:
                     # Held again, now: a lease may have lapsed during the claims above.
                     # (Built once per read, so it is kept cheap: 64+ partitions.)
-                    states, names = self.state, self._stream_names
-                    streams = [
-                        names.get(p) or self._stream_name(p)
-                        for p in self.leases.held()
-                        if p in states and len(states[p].backlog_ids) < MAX_BACKLOG
-                    ]
+                    states, names, full = self.state, self._stream_keys, self.full_backlogs
+                    streams = [names[p] for p in self.leases.held()
+                               if p in states and p not in full]
                     response = await self._read(streams)
                     failed = await self._route_read(response)
                 backoff = 0.05
@@ -326,10 +328,6 @@ class ClusterRouter:
                 backoff = min(2.0, backoff * 2)
                 continue
 
-    def _stream_name(self, p: int) -> str:
-        name = self._stream_names[p] = self.keys.partition(p)
-        return name
-
     async def _read(self, streams: list[str]) -> Any:
         """``XREADGROUP`` of the streams, preceded in the same round trip by the
         acknowledgements of what the previous read routed."""
@@ -337,7 +335,7 @@ class ClusterRouter:
         if streams:
             commands.append(("XREADGROUP", "GROUP", GROUP, self.router_id, "COUNT", BATCH,
                              "BLOCK", READ_BLOCK_MS, "STREAMS", *streams,
-                             *(">" for _ in streams)))
+                             *self._new_entries[:len(streams)]))
         if not commands:
             return None
         replies = await self.redis.execute(commands, lane=self.reads, raise_on_error=False)
@@ -404,7 +402,7 @@ class ClusterRouter:
         if not parts:
             return
         replies = await self.redis.execute(
-            [("XPENDING", self._stream_names.get(p) or self._stream_name(p), GROUP,
+            [("XPENDING", self._stream_keys[p], GROUP,
               "IDLE", STALE_PENDING_MS, "-", "+", 1) for p in parts],
             raise_on_error=False)
         for p, reply in zip(parts, replies, strict=True):
@@ -586,6 +584,8 @@ class ClusterRouter:
             state.backlog_ids.extend(part.ids)
             state.backlog_puts.extend(result.unwritten)
             state.backlog_receipts.extend(result.unwritten_receipts)
+            if len(state.backlog_ids) >= MAX_BACKLOG:
+                self.full_backlogs.add(p)
             return
         await self._ack(p, part.ids)
         self.recorded.extend(part.record)
@@ -609,6 +609,7 @@ class ClusterRouter:
                 state.backlog_ids.clear()
                 state.backlog_puts.clear()
                 state.backlog_receipts.clear()
+                self.full_backlogs.discard(p)
 
     async def _ack(self, p: int, ids: list[bytes]) -> None:
         await self._ack_many([(p, ids)])

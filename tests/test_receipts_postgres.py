@@ -150,3 +150,26 @@ async def test_ack_stats_count_each_recipient_once_whichever_schema_wrote_the_re
     assert await receipts.ack("t", lone.id, "b", "c4", now) == "not_yours"
     stats = await receipts.stats("t", now, 30)
     assert (stats.acknowledged, stats.pending) == (3, 1)
+
+
+async def test_a_lone_row_and_receipt_write_the_same_as_a_batch_of_them(
+    receipts: PostgresReceipts,
+) -> None:
+    box = PostgresMailbox(receipts.pg, 100)
+    lone, channel, row_only = note(1), note(2), note(3)
+    # One row with its receipt, a receipt alone, a row alone: the scalar statements.
+    await box.put([MailboxPut("a", lone, True)], [(lone, Target("user", user_ids=("a",)), 1)])
+    await box.put([], [(channel, Target("channel", channels=("c",)), 4)])
+    await box.put([MailboxPut("a", row_only, False)])
+    # Routed again: the row is skipped, the receipt's count updated.
+    await box.put([MailboxPut("a", lone, True)], [(lone, Target("user", user_ids=("a",)), 2)])
+    entries = await box.pending("t", "a")
+    assert [(e.notification.id, e.delivered) for e in entries] == [
+        (lone.id, True), (row_only.id, False)]
+    got = await receipts.get("t", lone.id)
+    assert got is not None and got.delivered_to == 2
+    assert await receipts.ack("t", lone.id, "a", "c", time.time()) == "acked"
+    assert await receipts.ack("t", lone.id, "b", "c", time.time()) == "not_yours"
+    shared = await receipts.get("t", channel.id)
+    assert shared is not None and shared.delivered_to == 4
+    assert await receipts.get("t", row_only.id) is None

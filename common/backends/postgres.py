@@ -485,6 +485,11 @@ class PostgresMailbox:
 
     async def _insert(self, rows: list[tuple[Any, ...]], receipts: Sequence[ReceiptRow]) -> None:
         """Mailbox rows in order (existing ones skipped) and receipts, one statement."""
+        if len(rows) <= 1 and len(receipts) <= 1 and all(
+                t.kind != "users" for _, t, _ in receipts):  # no receipt user rows
+            await self._insert_one(rows[0] if rows else None,
+                                   receipts[0] if receipts else None)
+            return
         columns = list(zip(*rows, strict=True)) if rows else [() for _ in self._COLUMNS]
         await self.pg.execute(
             f"""
@@ -501,6 +506,24 @@ class PostgresMailbox:
             """,
             *(list(c) for c in columns), *receipt_arrays(receipts),
         )
+
+    async def _insert_one(
+        self, row: tuple[Any, ...] | None, receipt: ReceiptRow | None
+    ) -> None:
+        """One row and one receipt without user rows (a routed batch at low rates),
+        with scalar parameters: asyncpg's array encoding cost ~40 ``isinstance`` checks per
+        array, and the array statement has fifteen."""
+        if receipt is None:
+            assert row is not None
+            await self.pg.execute(_MAILBOX_ROW_SQL, *row)
+            return
+        n, target, delivered = receipt
+        values = (n.id, n.tenant_id, jsoncodec.dumps_str(target.to_dict()), n.event_type,
+                  n.created_at, n.expires_at, delivered)
+        if row is None:
+            await self.pg.execute(_RECEIPT_SQL, *values)
+            return
+        await self.pg.execute(_RECEIPT_AND_ROW_SQL, *values, *row)
 
     async def pending(self, tenant_id: str, user_id: str) -> list[MailboxEntry]:
         """The user's unexpired rows among its newest ``max_per_user``, oldest first."""
@@ -644,6 +667,27 @@ class PostgresMailbox:
         )
         return int(row["n"]) if row else 0
 
+
+_RECEIPT_SQL = """
+    INSERT INTO ara_receipts (notification_id, tenant_id, target, event_type, created_at,
+                              expires_at, delivered_to)
+    VALUES ($1, $2, $3::jsonb, $4, $5, $6, $7)
+    ON CONFLICT (notification_id) DO UPDATE SET delivered_to = EXCLUDED.delivered_to
+"""
+_MAILBOX_ROW_SQL = """
+    INSERT INTO ara_mailbox (tenant_id, user_id, notification_id, record, expires_at, delivered)
+    VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING
+"""
+_RECEIPT_AND_ROW_SQL = """
+    WITH r AS (
+        INSERT INTO ara_receipts (notification_id, tenant_id, target, event_type, created_at,
+                                  expires_at, delivered_to)
+        VALUES ($1, $2, $3::jsonb, $4, $5, $6, $7)
+        ON CONFLICT (notification_id) DO UPDATE SET delivered_to = EXCLUDED.delivered_to
+    )
+    INSERT INTO ara_mailbox (tenant_id, user_id, notification_id, record, expires_at, delivered)
+    VALUES ($8, $9, $10, $11, $12, $13) ON CONFLICT DO NOTHING
+"""
 
 RECEIPT_COLUMNS = ("notification_id", "tenant_id", "target", "event_type", "created_at",
                    "expires_at", "delivered_to")
