@@ -401,6 +401,10 @@ class ClusterRouter:
         parts = [p for p in held if p in self.state and not self.state[p].claim_needed]
         if not parts:
             return
+        # What the last read routed is acknowledged with the next read; a read that
+        # took longer than the idle limit to route would otherwise be claimed again.
+        async with self.lock:
+            await self._flush_acks()
         replies = await self.redis.execute(
             [("XPENDING", self._stream_keys[p], GROUP,
               "IDLE", STALE_PENDING_MS, "-", "+", 1) for p in parts],

@@ -173,3 +173,11 @@ async def test_a_lone_row_and_receipt_write_the_same_as_a_batch_of_them(
     shared = await receipts.get("t", channel.id)
     assert shared is not None and shared.delivered_to == 4
     assert await receipts.get("t", row_only.id) is None
+    # A few at once, one of them twice: rows in order, the receipt's last count wins.
+    few = [note(10 + i) for i in range(3)]
+    await box.put([MailboxPut("f", n, False) for n in (*few, few[0])],
+                  [(n, Target("user", user_ids=("f",)), i) for i, n in enumerate(few)]
+                  + [(few[0], Target("user", user_ids=("f",)), 9)])
+    assert [e.notification.id for e in await box.pending("t", "f")] == [n.id for n in few]
+    first = await receipts.get("t", few[0].id)
+    assert first is not None and first.delivered_to == 9

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import Counter
@@ -467,14 +468,14 @@ class PostgresMailbox:
         if len(rows) + len(receipts) <= self.SMALL_WRITE:
             await self._insert(rows, receipts)
             return
-        ids, tenants, targets, kinds, created, expires, counts, pair_ids, users = (
-            receipt_arrays(receipts))
+        latest = {n.id: (n, t, d) for n, t, d in receipts}  # one row per receipt
         copies: list[tuple[str, Sequence[str], list[tuple[Any, ...]]]] = [
             ("ara_mailbox", self._COLUMNS, rows),
-            ("ara_receipts", RECEIPT_COLUMNS,
-             list(zip(ids, tenants, targets, kinds, created, expires, counts, strict=True))),
-            ("ara_receipt_users", ("notification_id", "user_id"),
-             list(zip(pair_ids, users, strict=True))),
+            ("ara_receipts", RECEIPT_COLUMNS, [
+                (n.id, n.tenant_id, jsoncodec.dumps_str(t.to_dict()), n.event_type,
+                 n.created_at, n.expires_at, d) for n, t, d in latest.values()]),
+            ("ara_receipt_users", ("notification_id", "user_id"), list(dict.fromkeys(
+                (n.id, u) for n, t, _ in receipts if t.kind == "users" for u in t.user_ids))),
         ]
         try:
             await self.pg.copy_records_together([c for c in copies if c[2]])
@@ -485,10 +486,9 @@ class PostgresMailbox:
 
     async def _insert(self, rows: list[tuple[Any, ...]], receipts: Sequence[ReceiptRow]) -> None:
         """Mailbox rows in order (existing ones skipped) and receipts, one statement."""
-        if len(rows) <= 1 and len(receipts) <= 1 and all(
-                t.kind != "users" for _, t, _ in receipts):  # no receipt user rows
-            await self._insert_one(rows[0] if rows else None,
-                                   receipts[0] if receipts else None)
+        if (len(rows) <= FEW and len(receipts) <= FEW
+                and all(t.kind != "users" for _, t, _ in receipts)):  # no receipt user rows
+            await self._insert_few(rows, receipts)
             return
         columns = list(zip(*rows, strict=True)) if rows else [() for _ in self._COLUMNS]
         await self.pg.execute(
@@ -507,23 +507,20 @@ class PostgresMailbox:
             *(list(c) for c in columns), *receipt_arrays(receipts),
         )
 
-    async def _insert_one(
-        self, row: tuple[Any, ...] | None, receipt: ReceiptRow | None
+    async def _insert_few(
+        self, rows: list[tuple[Any, ...]], receipts: Sequence[ReceiptRow]
     ) -> None:
-        """One row and one receipt without user rows (a routed batch at low rates),
-        with scalar parameters: asyncpg's array encoding cost ~40 ``isinstance`` checks per
+        """A few rows and receipts without user rows (a routed batch at low rates), with
+        scalar parameters: asyncpg's array encoding cost ~40 ``isinstance`` checks per
         array, and the array statement has fifteen."""
-        if receipt is None:
-            assert row is not None
-            await self.pg.execute(_MAILBOX_ROW_SQL, *row)
+        if not rows and not receipts:
             return
-        n, target, delivered = receipt
-        values = (n.id, n.tenant_id, jsoncodec.dumps_str(target.to_dict()), n.event_type,
-                  n.created_at, n.expires_at, delivered)
-        if row is None:
-            await self.pg.execute(_RECEIPT_SQL, *values)
-            return
-        await self.pg.execute(_RECEIPT_AND_ROW_SQL, *values, *row)
+        latest = {n.id: (n, t, d) for n, t, d in receipts}  # one update per receipt
+        values = [v for n, target, delivered in latest.values()
+                  for v in (n.id, n.tenant_id, jsoncodec.dumps_str(target.to_dict()),
+                            n.event_type, n.created_at, n.expires_at, delivered)]
+        await self.pg.execute(few_sql(len(latest), len(rows)),
+                              *values, *(v for row in rows for v in row))
 
     async def pending(self, tenant_id: str, user_id: str) -> list[MailboxEntry]:
         """The user's unexpired rows among its newest ``max_per_user``, oldest first."""
@@ -668,26 +665,34 @@ class PostgresMailbox:
         return int(row["n"]) if row else 0
 
 
-_RECEIPT_SQL = """
-    INSERT INTO ara_receipts (notification_id, tenant_id, target, event_type, created_at,
-                              expires_at, delivered_to)
-    VALUES ($1, $2, $3::jsonb, $4, $5, $6, $7)
-    ON CONFLICT (notification_id) DO UPDATE SET delivered_to = EXCLUDED.delivered_to
-"""
-_MAILBOX_ROW_SQL = """
-    INSERT INTO ara_mailbox (tenant_id, user_id, notification_id, record, expires_at, delivered)
-    VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING
-"""
-_RECEIPT_AND_ROW_SQL = """
-    WITH r AS (
-        INSERT INTO ara_receipts (notification_id, tenant_id, target, event_type, created_at,
-                                  expires_at, delivered_to)
-        VALUES ($1, $2, $3::jsonb, $4, $5, $6, $7)
-        ON CONFLICT (notification_id) DO UPDATE SET delivered_to = EXCLUDED.delivered_to
-    )
-    INSERT INTO ara_mailbox (tenant_id, user_id, notification_id, record, expires_at, delivered)
-    VALUES ($8, $9, $10, $11, $12, $13) ON CONFLICT DO NOTHING
-"""
+FEW = 4  # rows and receipts up to which a write uses scalar parameters
+
+
+@functools.cache
+def few_sql(receipts: int, rows: int) -> str:
+    """The statement of ``receipts`` receipts (7 parameters each, first) and ``rows``
+    mailbox rows (6 each, in order): one ``INSERT``, the receipts in a ``WITH`` item."""
+    def values(count: int, width: int, first: int, casts: dict[int, str]) -> str:
+        return ", ".join(
+            "(" + ", ".join(f"${first + i * width + k}{casts.get(k, '')}"
+                            for k in range(width)) + ")"
+            for i in range(count))
+
+    receipt_insert = (
+        "INSERT INTO ara_receipts (notification_id, tenant_id, target, event_type,"
+        " created_at, expires_at, delivered_to) VALUES "
+        + values(receipts, 7, 1, {2: "::jsonb"})
+        + " ON CONFLICT (notification_id) DO UPDATE SET delivered_to = EXCLUDED.delivered_to")
+    row_insert = (
+        "INSERT INTO ara_mailbox (tenant_id, user_id, notification_id, record, expires_at,"
+        " delivered) VALUES " + values(rows, 6, 1 + 7 * receipts, {})
+        + " ON CONFLICT DO NOTHING")
+    if not rows:
+        return receipt_insert
+    if not receipts:
+        return row_insert
+    return f"WITH r AS ({receipt_insert}) {row_insert}"
+
 
 RECEIPT_COLUMNS = ("notification_id", "tenant_id", "target", "event_type", "created_at",
                    "expires_at", "delivered_to")
