@@ -181,7 +181,7 @@ def cluster_backends(settings: Settings, manager: ConnectionManager, metrics: Me
     return Backends(
         sessions=sessions,
         mailbox=PostgresMailbox(pg, settings.queue_max_size_per_user),
-        receipts=ClusterReceipts(PostgresReceipts(pg), handle),
+        receipts=ClusterReceipts(PostgresReceipts(pg), handle, settings.router_partitions),
         templates=PostgresTemplates(pg),
         dispatcher=ClusterDispatcher(settings, sessions, PartitionProducer(handle)),
         starters=[pg.open, loops.start, stats.start],

@@ -120,7 +120,7 @@ class ClusterRouter:
         self.unacked: list[tuple[int, list[bytes]]] = []
         # Notifications whose receipts are in Postgres now: their pending records in
         # Redis (``common/backends/redis_receipts.py``) are deleted with the next read.
-        self.recorded: list[str] = []
+        self.recorded: list[tuple[int, list[str]]] = []
         self.lock = asyncio.Lock()
         self.ready = False
         self.stopping = False
@@ -513,7 +513,7 @@ class ClusterRouter:
             self.metrics.routed.inc(len(part.batch))
             if part.ids:
                 self.unacked.append((part.p, part.ids))
-            self.recorded.extend(part.record)
+            self.recorded.append((part.p, part.record))
 
     def _retry_later(self, decoded: list[Decoded], exc: Exception) -> None:
         # Redis trouble mid-batch: leave the entries pending and claim them again.
@@ -592,7 +592,7 @@ class ClusterRouter:
                 self.full_backlogs.add(p)
             return
         await self._ack(p, part.ids)
-        self.recorded.extend(part.record)
+        self.recorded.append((p, part.record))
 
     async def _retry_backlogs(self) -> None:
         for p, state in list(self.state.items()):
@@ -609,7 +609,7 @@ class ClusterRouter:
                          len(state.backlog_puts), len(state.backlog_receipts))
                 self.metrics.backend_up.labels("postgres").set(1)
                 await self._ack(p, state.backlog_ids)
-                self.recorded.extend(n.id for n, _, _ in state.backlog_receipts)
+                self.recorded.append((p, [n.id for n, _, _ in state.backlog_receipts]))
                 state.backlog_ids.clear()
                 state.backlog_puts.clear()
                 state.backlog_receipts.clear()

@@ -11,6 +11,8 @@ import redis.asyncio as aioredis
 import websockets
 from cluster_harness import Client, api, running_cluster
 
+from common.ring import partition_of
+
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(120)]
 
 
@@ -137,10 +139,11 @@ async def test_a_receipt_reads_right_after_the_send_and_the_router_then_writes_i
                 assert await pg.fetchval(
                     "SELECT count(*) FROM ara_receipts WHERE notification_id = $1", nid) == 0
                 assert (await on_b.get("/api/v1/notifications/" + "0" * 32)).status_code == 404
+                key = f"{cluster.prefix}:rcpt:{{{partition_of('default', 'rita', 64):04d}}}:{nid}"
+                assert await redis.exists(key)
                 # The router writes the receipt with the mailbox row, then drops the record.
                 cluster.start("router")
                 await cluster.wait_routed()
-                key = f"{cluster.prefix}:rcpt:{{{nid}}}"
                 for _ in range(100):
                     if not await redis.exists(key):
                         break
@@ -164,7 +167,7 @@ async def test_a_receipt_reads_right_after_the_send_and_the_router_then_writes_i
                 assert await pg.fetchval(
                     "SELECT count(*) FROM ara_receipt_users WHERE notification_id = $1",
                     many_id) == 20
-                assert not await redis.exists(f"{cluster.prefix}:rcpt:{{{many_id}}}")
+                assert not await redis.keys(f"{cluster.prefix}:rcpt:*:{many_id}")
                 assert (await on_b.get(f"/api/v1/notifications/{many_id}")).json()[
                     "pending"] == users
         finally:

@@ -113,17 +113,18 @@ async def test_a_cluster_gateway_reads_a_receipt_not_yet_routed_from_its_pending
 ) -> None:
     handle = RedisHandle(redis_server.url, "rcpt")
     try:
-        view = ClusterReceipts(receipts, handle)
+        view = ClusterReceipts(receipts, handle, 64)
         n = note(1)
         target = Target("users", user_ids=("a", "b"))
-        await handle.execute([pending_receipt_command(handle.keys, n, target)])
+        await handle.execute([pending_receipt_command(handle.keys, 17, n, target)])
         got = await view.get("t", n.id)
         assert got is not None and got.target == target and got.delivered_to == 0
         assert got.created_at == n.created_at and got.expires_at == n.expires_at
         assert await view.get("other-tenant", n.id) is None
         # Once the router has recorded it, the row answers and the record can go.
         await PostgresMailbox(receipts.pg, 100).put([], [(n, target, 2)])
-        await handle.execute(forget_pending_commands(handle.keys, [n.id]))
+        await handle.execute(forget_pending_commands(handle.keys, [(17, [n.id])]))
+        assert await handle.execute([("EXISTS", handle.keys.pending_receipt(17, n.id))]) == [0]
         stored = await view.get("t", n.id)
         assert stored is not None and stored.delivered_to == 2
         assert await view.get("t", note(2).id) is None

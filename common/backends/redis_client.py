@@ -80,8 +80,9 @@ class Keys:
     def node_stream(self, node_id: str) -> str:
         return f"{self.prefix}:node:{{{node_id}}}"
 
-    def pending_receipt(self, notification_id: str) -> str:
-        return f"{self.prefix}:rcpt:{{{notification_id}}}"
+    def pending_receipt(self, partition: int, notification_id: str) -> str:
+        """In its partition's slot, so a router deletes a batch's with one ``DEL``."""
+        return f"{self.prefix}:rcpt:{{{partition:04d}}}:{notification_id}"
 
     def ratelimit(self, key: str) -> str:
         return f"{self.prefix}:rl:{{{key}}}"

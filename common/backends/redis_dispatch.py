@@ -79,7 +79,7 @@ class ClusterDispatcher:
 
         commands = [self.sessions.live_read_command(), *(("HGETALL", key) for key in reads)]
         if by_router:
-            commands.append(pending_receipt_command(keys, n, target))
+            commands.append(pending_receipt_command(keys, parts[0][0], n, target))
         commands += self.producer.commands(entries)
         members, *replies = (await self.sessions.redis.execute(commands))[:len(reads) + 1]
         rows = [pairs_to_dict(reply) for reply in replies]

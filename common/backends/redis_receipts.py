@@ -28,26 +28,36 @@ from common.protocol import Notification, Target
 PENDING_RECEIPT_TTL_SECONDS = 600
 
 
-def pending_receipt_command(keys: Keys, n: Notification, target: Target) -> Command:
+def pending_receipt_command(
+    keys: Keys, partition: int, n: Notification, target: Target
+) -> Command:
     """The ``SET`` of a notification's pending receipt, for the send's round trip."""
     ttl = max(1, min(PENDING_RECEIPT_TTL_SECONDS, math.ceil(n.expires_at - time.time())))
     body = jsoncodec.dumps({"t": n.tenant_id, "g": target.to_dict(), "e": n.event_type,
                             "c": n.created_at, "x": n.expires_at})
-    return ("SET", keys.pending_receipt(n.id), body, "EX", ttl)
+    return ("SET", keys.pending_receipt(partition, n.id), body, "EX", ttl)
 
 
-def forget_pending_commands(keys: Keys, notification_ids: Sequence[str]) -> list[Command]:
-    """``DEL`` of pending receipts now recorded in Postgres (one command per key: the
-    keys hash to different Redis Cluster slots)."""
-    return [("DEL", keys.pending_receipt(nid)) for nid in notification_ids]
+def forget_pending_commands(
+    keys: Keys, recorded: Sequence[tuple[int, Sequence[str]]]
+) -> list[Command]:
+    """``DEL`` of pending receipts now recorded in Postgres: one command per partition
+    ((partition, notification ids) pairs; a partition's keys share its slot)."""
+    return [("DEL", *(keys.pending_receipt(p, nid) for nid in ids))
+            for p, ids in recorded if ids]
 
 
 class ClusterReceipts:
-    """``ReceiptStore`` of a cluster gateway: Postgres, then the pending records."""
+    """``ReceiptStore`` of a cluster gateway: Postgres, then the pending records.
 
-    def __init__(self, stored: ReceiptStore, handle: RedisHandle) -> None:
+    The id alone does not say which partition's slot holds a pending record, so a
+    read that Postgres cannot answer asks every partition's, in one round trip.
+    """
+
+    def __init__(self, stored: ReceiptStore, handle: RedisHandle, partitions: int) -> None:
         self.stored = stored
         self.redis = handle
+        self.partitions = partitions
 
     async def record(self, notification: Notification, target: Target, delivered_to: int) -> None:
         await self.stored.record(notification, target, delivered_to)
@@ -64,10 +74,13 @@ class ClusterReceipts:
         receipt = await self.stored.get(tenant_id, notification_id)
         if receipt is not None:
             return receipt
-        (raw,) = await self.redis.execute([("GET", self.redis.keys.pending_receipt(
-            notification_id))])
-        if raw is None:
+        keys = self.redis.keys
+        found = [raw for raw in await self.redis.execute(
+            [("GET", keys.pending_receipt(p, notification_id)) for p in range(self.partitions)])
+            if raw is not None]
+        if not found:
             return None
+        raw = found[0]
         data = jsoncodec.loads(raw)
         if data["t"] != tenant_id:
             return None
