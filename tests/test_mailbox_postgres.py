@@ -43,6 +43,16 @@ async def dsn() -> AsyncIterator[str]:
         await drop_database(admin, url)
 
 
+@pytest.fixture
+async def pg(dsn: str) -> AsyncIterator[PostgresHandle]:
+    handle = PostgresHandle(dsn)
+    await handle.open()
+    try:
+        yield handle
+    finally:
+        await handle.close()
+
+
 @contextlib.asynccontextmanager
 async def opened(url: str, max_per_user: int) -> AsyncIterator[PostgresMailbox]:
     pg = PostgresHandle(url)
@@ -248,111 +258,98 @@ class LoggedMailbox(PostgresMailbox):
         await super().mark_delivered(tenant_id, pairs)
 
 
-async def test_router_flags_rows_on_write_and_looks_up_again_after_the_commit(dsn: str) -> None:
+async def test_router_flags_rows_on_write_and_looks_up_again_after_the_commit(
+    pg: PostgresHandle,
+) -> None:
     log: list[str] = []
-    pg = PostgresHandle(dsn)
-    await pg.open()
-    try:
-        mailbox = LoggedMailbox(pg, log)
-        # "on" stays online; "late" connects between the lookups; "gone" leaves.
-        sessions = Sessions([{"on": ["n1"], "gone": ["n2"]}, {"on": ["n1"], "late": ["n3"]}],
-                            log)
-        delivery = Recorder(log)
-        router = Router(load_settings(jwt_secret=TEST_JWT_SECRET), sessions,  # type: ignore[arg-type]
-                        mailbox, delivery)
-        n = Notification.create("t", "e", {}, default_ttl=60)
-        report = await router.dispatch(n, Target("users", user_ids=("on", "late", "gone")))
-        # The lookup that decides the live delivery comes after the row is committed.
-        assert log[:3] == ["lookup", "committed", "lookup"]
-        assert sorted(log[3:]) == ["deliver", "deliver", f"mark {[('late', n.id)]}"]
-        assert sorted(node for node, _ in delivery.deliveries) == ["n1", "n3"]
-        assert report.delivered_to == 2 and report.users["gone"].queued
-        flags = {u: [e.delivered for e in await mailbox.pending("t", u)]
-                 for u in ("on", "late", "gone")}
-        assert flags == {"on": [True], "late": [True], "gone": [True]}
-    finally:
-        await pg.close()
+    mailbox = LoggedMailbox(pg, log)
+    # "on" stays online; "late" connects between the lookups; "gone" leaves.
+    sessions = Sessions([{"on": ["n1"], "gone": ["n2"]}, {"on": ["n1"], "late": ["n3"]}],
+                        log)
+    delivery = Recorder(log)
+    router = Router(load_settings(jwt_secret=TEST_JWT_SECRET), sessions,  # type: ignore[arg-type]
+                    mailbox, delivery)
+    n = Notification.create("t", "e", {}, default_ttl=60)
+    report = await router.dispatch(n, Target("users", user_ids=("on", "late", "gone")))
+    # The lookup that decides the live delivery comes after the row is committed.
+    assert log[:3] == ["lookup", "committed", "lookup"]
+    assert sorted(log[3:]) == ["deliver", "deliver", f"mark {[('late', n.id)]}"]
+    assert sorted(node for node, _ in delivery.deliveries) == ["n1", "n3"]
+    assert report.delivered_to == 2 and report.users["gone"].queued
+    flags = {u: [e.delivered for e in await mailbox.pending("t", u)]
+             for u in ("on", "late", "gone")}
+    assert flags == {"on": [True], "late": [True], "gone": [True]}
 
 
 async def test_router_flags_rows_from_a_recent_lookup_but_always_looks_up_to_deliver(
-    dsn: str,
+    pg: PostgresHandle,
 ) -> None:
     log: list[str] = []
-    pg = PostgresHandle(dsn)
-    await pg.open()
-    try:
-        mailbox = LoggedMailbox(pg, log)
-        # Lookups: before #1, after #1 ("on" online), after #2 ("on" gone, "late" there).
-        sessions = Sessions([{"on": ["n1"]}, {"on": ["n1"]}, {"late": ["n3"]}], log)
-        delivery = Recorder(log)
-        router = Router(load_settings(jwt_secret=TEST_JWT_SECRET), sessions,  # type: ignore[arg-type]
-                        mailbox, delivery)
-        first = Notification.create("t", "e", {}, default_ttl=60)
-        await router.dispatch(first, Target("users", user_ids=("on", "late")))
-        assert log == ["lookup", "committed", "lookup", "deliver"]
-        log.clear()
-        # Both users were looked up a moment ago: the row flags come from that answer,
-        # and the lookup after the commit still decides who gets it live.
-        second = Notification.create("t", "e", {}, default_ttl=60)
-        report = await router.dispatch(second, Target("users", user_ids=("on", "late")))
-        assert log[:2] == ["committed", "lookup"]
-        assert sorted(log[2:]) == ["deliver", f"mark {[('late', second.id)]}"]
-        assert [node for node, _ in delivery.deliveries] == ["n1", "n3"]
-        assert report.delivered_to == 1 and report.users["on"].queued
-        flags = {u: [e.delivered for e in await mailbox.pending("t", u)] for u in ("on", "late")}
-        # "on": online in every answer; "late": offline when remembered, marked once found.
-        assert flags == {"on": [True, True], "late": [False, True]}
-        log.clear()
-        # A user not looked up recently sends the batch back to the early lookup.
-        router.presence.ttl = 0.0
-        third = Notification.create("t", "e", {}, default_ttl=60)
-        await router.dispatch(third, Target("user", user_ids=("late",)))
-        assert log[:3] == ["lookup", "committed", "lookup"]
-    finally:
-        await pg.close()
+    mailbox = LoggedMailbox(pg, log)
+    # Lookups: before #1, after #1 ("on" online), after #2 ("on" gone, "late" there).
+    sessions = Sessions([{"on": ["n1"]}, {"on": ["n1"]}, {"late": ["n3"]}], log)
+    delivery = Recorder(log)
+    router = Router(load_settings(jwt_secret=TEST_JWT_SECRET), sessions,  # type: ignore[arg-type]
+                    mailbox, delivery)
+    first = Notification.create("t", "e", {}, default_ttl=60)
+    await router.dispatch(first, Target("users", user_ids=("on", "late")))
+    assert log == ["lookup", "committed", "lookup", "deliver"]
+    log.clear()
+    # Both users were looked up a moment ago: the row flags come from that answer,
+    # and the lookup after the commit still decides who gets it live.
+    second = Notification.create("t", "e", {}, default_ttl=60)
+    report = await router.dispatch(second, Target("users", user_ids=("on", "late")))
+    assert log[:2] == ["committed", "lookup"]
+    assert sorted(log[2:]) == ["deliver", f"mark {[('late', second.id)]}"]
+    assert [node for node, _ in delivery.deliveries] == ["n1", "n3"]
+    assert report.delivered_to == 1 and report.users["on"].queued
+    flags = {u: [e.delivered for e in await mailbox.pending("t", u)] for u in ("on", "late")}
+    # "on": online in every answer; "late": offline when remembered, marked once found.
+    assert flags == {"on": [True, True], "late": [False, True]}
+    log.clear()
+    # A user not looked up recently sends the batch back to the early lookup.
+    router.presence.ttl = 0.0
+    third = Notification.create("t", "e", {}, default_ttl=60)
+    await router.dispatch(third, Target("user", user_ids=("late",)))
+    assert log[:3] == ["lookup", "committed", "lookup"]
 
 
 async def test_router_records_receipts_in_its_write_before_delivering_and_recounts(
-    dsn: str,
+    pg: PostgresHandle,
 ) -> None:
     log: list[str] = []
-    pg = PostgresHandle(dsn)
-    await pg.open()
-    try:
-        mailbox = LoggedMailbox(pg, log)
-        receipts = PostgresReceipts(pg)
-        seen_at_delivery: list[int | None] = []
+    mailbox = LoggedMailbox(pg, log)
+    receipts = PostgresReceipts(pg)
+    seen_at_delivery: list[int | None] = []
 
-        class Checking(Recorder):
-            async def deliver(self, node_id: str, delivery: Delivery) -> None:
-                got = await receipts.get("t", delivery.notification.id)
-                seen_at_delivery.append(None if got is None else got.delivered_to)
-                await super().deliver(node_id, delivery)
+    class Checking(Recorder):
+        async def deliver(self, node_id: str, delivery: Delivery) -> None:
+            got = await receipts.get("t", delivery.notification.id)
+            seen_at_delivery.append(None if got is None else got.delivered_to)
+            await super().deliver(node_id, delivery)
 
-        # "late" connects between the lookup the write is made with and the one that
-        # decides the delivery: the receipt is written with 1, then recounted to 2.
-        sessions = Sessions([{"on": ["n1"]}, {"on": ["n1"], "late": ["n3"]}], log)
-        router = Router(load_settings(jwt_secret=TEST_JWT_SECRET), sessions,  # type: ignore[arg-type]
-                        mailbox, Checking(log), receipts)
-        n = Notification.create("t", "e", {}, default_ttl=60)
-        skipped = Notification.create("t", "e", {}, default_ttl=60)
-        target = Target("users", user_ids=("on", "late"))
-        result = await router.route_many([(n, target), (skipped, target)], record={n.id})
-        assert log[:3] == ["lookup", "committed", "lookup"]
-        # Every delivery found the receipt already written (an ACK cannot beat it).
-        assert seen_at_delivery and all(count is not None for count in seen_at_delivery[:2])
-        assert result.reports[0].delivered_to == 2
-        got = await receipts.get("t", n.id)
-        assert got is not None and got.delivered_to == 2 and got.target == target
-        # Only the notifications named in ``record`` get a receipt from the router.
-        assert await receipts.get("t", skipped.id) is None
-        # With Postgres away the receipts come back with the rows, for the retry.
-        later = Notification.create("t", "e", {}, default_ttl=60)
-        down = await router.route_many([(later, target)], mailbox_up=False, record={later.id})
-        assert [r[0].id for r in down.unwritten_receipts] == [later.id]
-        assert await receipts.get("t", later.id) is None
-    finally:
-        await pg.close()
+    # "late" connects between the lookup the write is made with and the one that
+    # decides the delivery: the receipt is written with 1, then recounted to 2.
+    sessions = Sessions([{"on": ["n1"]}, {"on": ["n1"], "late": ["n3"]}], log)
+    router = Router(load_settings(jwt_secret=TEST_JWT_SECRET), sessions,  # type: ignore[arg-type]
+                    mailbox, Checking(log), receipts)
+    n = Notification.create("t", "e", {}, default_ttl=60)
+    skipped = Notification.create("t", "e", {}, default_ttl=60)
+    target = Target("users", user_ids=("on", "late"))
+    result = await router.route_many([(n, target), (skipped, target)], record={n.id})
+    assert log[:3] == ["lookup", "committed", "lookup"]
+    # Every delivery found the receipt already written (an ACK cannot beat it).
+    assert seen_at_delivery and all(count is not None for count in seen_at_delivery[:2])
+    assert result.reports[0].delivered_to == 2
+    got = await receipts.get("t", n.id)
+    assert got is not None and got.delivered_to == 2 and got.target == target
+    # Only the notifications named in ``record`` get a receipt from the router.
+    assert await receipts.get("t", skipped.id) is None
+    # With Postgres away the receipts come back with the rows, for the retry.
+    later = Notification.create("t", "e", {}, default_ttl=60)
+    down = await router.route_many([(later, target)], mailbox_up=False, record={later.id})
+    assert [r[0].id for r in down.unwritten_receipts] == [later.id]
+    assert await receipts.get("t", later.id) is None
 
 
 @dataclass
@@ -376,24 +373,19 @@ class CommandRecorder(Recorder):
 
 
 async def test_router_sends_ahead_to_the_gateways_it_knew_and_follows_up_on_new_ones(
-    dsn: str,
+    pg: PostgresHandle,
 ) -> None:
     log: list[str] = []
-    pg = PostgresHandle(dsn)
-    await pg.open()
-    try:
-        # Before the write "a" is on n1 and "b" on n2; after it "a" is on n1 and n4 and
-        # "b" has left: n1 and n2 are sent to with the lookup, n4 once it has answered.
-        sessions = PipelinedSessions([{"a": ["n1"], "b": ["n2"]}, {"a": ["n1", "n4"]}], log)
-        delivery = CommandRecorder(log)
-        router = Router(load_settings(jwt_secret=TEST_JWT_SECRET), sessions,  # type: ignore[arg-type]
-                        LoggedMailbox(pg, log), delivery)
-        n = Notification.create("t", "e", {}, default_ttl=60)
-        report = await router.dispatch(n, Target("users", user_ids=("a", "b")))
-        assert log[:4] == ["lookup", "committed", "lookup", "ahead ['n1', 'n2']"]
-        # Only the gateway the lookup found and nobody had sent to is delivered to after.
-        assert [node for node, _ in delivery.deliveries] == ["n4"]
-        assert delivery.deliveries[0][1].user_ids == ("a",)
-        assert report.delivered_to == 2 and report.users["b"].queued
-    finally:
-        await pg.close()
+    # Before the write "a" is on n1 and "b" on n2; after it "a" is on n1 and n4 and
+    # "b" has left: n1 and n2 are sent to with the lookup, n4 once it has answered.
+    sessions = PipelinedSessions([{"a": ["n1"], "b": ["n2"]}, {"a": ["n1", "n4"]}], log)
+    delivery = CommandRecorder(log)
+    router = Router(load_settings(jwt_secret=TEST_JWT_SECRET), sessions,  # type: ignore[arg-type]
+                    LoggedMailbox(pg, log), delivery)
+    n = Notification.create("t", "e", {}, default_ttl=60)
+    report = await router.dispatch(n, Target("users", user_ids=("a", "b")))
+    assert log[:4] == ["lookup", "committed", "lookup", "ahead ['n1', 'n2']"]
+    # Only the gateway the lookup found and nobody had sent to is delivered to after.
+    assert [node for node, _ in delivery.deliveries] == ["n4"]
+    assert delivery.deliveries[0][1].user_ids == ("a",)
+    assert report.delivered_to == 2 and report.users["b"].queued
