@@ -181,6 +181,20 @@ class GatewayNode:
         loop = asyncio.get_running_loop()
         remaining = conn.identity.expires_at - time.time()
         conn.expiry_timer = loop.call_later(max(0.0, remaining), self._expire, conn)
+        for name in channels:
+            self.manager.subscribe(conn, name)
+        try:
+            await self.backends.sessions.register(session_of(conn, self.node_id))
+            if channels:
+                await self.backends.sessions.update_channels(
+                    session_of(conn, self.node_id), list(conn.channels), []
+                )
+        except BackendUnavailable:
+            # The socket keeps working locally; the next heartbeat registers it.
+            log.warning("session %s not registered yet: session store unavailable", conn.id)
+        # Greeted once registered: a client that has its ``connected`` frame counts
+        # against the cluster-wide limits and is found by the routers' lookups. Live
+        # traffic is held until the replay is done, so nothing can come before it.
         conn.push(
             (
                 "connected",
@@ -195,17 +209,6 @@ class GatewayNode:
                 ),
             )
         )
-        for name in channels:
-            self.manager.subscribe(conn, name)
-        try:
-            await self.backends.sessions.register(session_of(conn, self.node_id))
-            if channels:
-                await self.backends.sessions.update_channels(
-                    session_of(conn, self.node_id), list(conn.channels), []
-                )
-        except BackendUnavailable:
-            # The socket keeps working locally; the next heartbeat registers it.
-            log.warning("session %s not registered yet: session store unavailable", conn.id)
         await self._replay(conn)
 
     async def _replay(self, conn: Connection) -> None:
