@@ -468,14 +468,10 @@ class PostgresMailbox:
         if len(rows) + len(receipts) <= self.SMALL_WRITE:
             await self._insert(rows, receipts)
             return
-        latest = {n.id: (n, t, d) for n, t, d in receipts}  # one row per receipt
         copies: list[tuple[str, Sequence[str], list[tuple[Any, ...]]]] = [
             ("ara_mailbox", self._COLUMNS, rows),
-            ("ara_receipts", RECEIPT_COLUMNS, [
-                (n.id, n.tenant_id, jsoncodec.dumps_str(t.to_dict()), n.event_type,
-                 n.created_at, n.expires_at, d) for n, t, d in latest.values()]),
-            ("ara_receipt_users", ("notification_id", "user_id"), list(dict.fromkeys(
-                (n.id, u) for n, t, _ in receipts if t.kind == "users" for u in t.user_ids))),
+            ("ara_receipts", RECEIPT_COLUMNS, receipt_records(receipts)),
+            ("ara_receipt_users", ("notification_id", "user_id"), receipt_user_pairs(receipts)),
         ]
         try:
             await self.pg.copy_records_together([c for c in copies if c[2]])
@@ -515,12 +511,10 @@ class PostgresMailbox:
         array, and the array statement has fifteen."""
         if not rows and not receipts:
             return
-        latest = {n.id: (n, t, d) for n, t, d in receipts}  # one update per receipt
-        values = [v for n, target, delivered in latest.values()
-                  for v in (n.id, n.tenant_id, jsoncodec.dumps_str(target.to_dict()),
-                            n.event_type, n.created_at, n.expires_at, delivered)]
-        await self.pg.execute(few_sql(len(latest), len(rows)),
-                              *values, *(v for row in rows for v in row))
+        records = receipt_records(receipts)
+        await self.pg.execute(few_sql(len(records), len(rows)),
+                              *(v for record in records for v in record),
+                              *(v for row in rows for v in row))
 
     async def pending(self, tenant_id: str, user_id: str) -> list[MailboxEntry]:
         """The user's unexpired rows among its newest ``max_per_user``, oldest first."""
@@ -718,28 +712,27 @@ def receipt_ctes(first: int) -> str:
     )"""
 
 
+def receipt_records(rows: Sequence[ReceiptRow]) -> list[tuple[Any, ...]]:
+    """``ara_receipts`` rows (``RECEIPT_COLUMNS``), one per notification: the last of
+    each wins, since one statement may not update the same receipt twice."""
+    latest = {n.id: (n, t, d) for n, t, d in rows}
+    return [(n.id, n.tenant_id, jsoncodec.dumps_str(t.to_dict()), n.event_type,
+             n.created_at, n.expires_at, d) for n, t, d in latest.values()]
+
+
+def receipt_user_pairs(rows: Sequence[ReceiptRow]) -> list[tuple[str, str]]:
+    """``ara_receipt_users`` rows: targets of several users only (``RECIPIENTS``)."""
+    return list(dict.fromkeys(
+        (n.id, u) for n, t, _ in rows if t.kind == "users" for u in t.user_ids))
+
+
 def receipt_arrays(rows: Sequence[ReceiptRow]) -> list[list[Any]]:
-    """The parameters of ``receipt_ctes``: one receipt per notification (the last row of
-    each wins: one statement may not update the same receipt twice) and its users."""
-    latest: dict[str, ReceiptRow] = {}
-    for row in rows:
-        latest[row[0].id] = row
-    receipts = list(latest.values())
-    pairs = list(dict.fromkeys(
-        (n.id, user) for n, target, _ in rows if target.kind != "user"
-        for user in target.user_ids
-    ))
-    return [
-        [n.id for n, _, _ in receipts],
-        [n.tenant_id for n, _, _ in receipts],
-        [jsoncodec.dumps_str(t.to_dict()) for _, t, _ in receipts],
-        [n.event_type for n, _, _ in receipts],
-        [n.created_at for n, _, _ in receipts],
-        [n.expires_at for n, _, _ in receipts],
-        [d for _, _, d in receipts],
-        [p[0] for p in pairs],
-        [p[1] for p in pairs],
-    ]
+    """The nine parameters of ``receipt_ctes``: the columns of ``receipt_records`` and of
+    ``receipt_user_pairs``."""
+    records, pairs = receipt_records(rows), receipt_user_pairs(rows)
+    return ([list(column) for column in zip(*records, strict=True)] if records
+            else [[] for _ in RECEIPT_COLUMNS]) + (
+        [list(column) for column in zip(*pairs, strict=True)] if pairs else [[], []])
 
 
 class PostgresReceipts:
