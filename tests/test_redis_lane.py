@@ -167,3 +167,38 @@ async def test_the_breaker_opens_when_redis_is_gone_and_lane_calls_fail_fast(
         assert handle.breaker.healthy
     finally:
         await handle.close()
+
+
+async def test_new_connections_do_not_look_the_client_version_up_again(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pool growing through a reconnect storm must not pay redis-py's per-connection
+    ``importlib.metadata`` lookup (~0.6 ms of CPU each), and the connections still
+    carry the client's name and version for ``CLIENT SETINFO`` (Redis 7.2+)."""
+    import importlib.metadata
+
+    import redis
+
+    handle = RedisHandle(redis_server.url, "ident")
+    lookups = 0
+    real_version = importlib.metadata.version
+
+    def counting_version(name: str) -> str:
+        nonlocal lookups
+        lookups += 1
+        return real_version(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", counting_version)
+    try:
+        # Twenty concurrent calls: the pool opens a connection for each.
+        infos = await asyncio.gather(*(handle.run(lambda r: r.client_info()) for _ in range(20)))
+        assert len({info["id"] for info in infos}) > 1
+        assert lookups == 0
+        await handle.lane.execute([("PING",)])
+        assert lookups == 0
+        for pool in (handle.client.connection_pool, handle.blocking.connection_pool):
+            identity = pool.connection_kwargs["driver_info"]
+            assert (identity.formatted_name, identity.lib_version) == (
+                "redis-py", redis.__version__)
+    finally:
+        await handle.close()

@@ -21,7 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from common.backends.redis_lane import Command, RedisLane
+from common.backends.redis_lane import Command, RedisLane, connection_options
 from common.errors import BackendUnavailable
 
 log = logging.getLogger("ara.redis")
@@ -159,6 +159,7 @@ class RedisHandle:
             retry_on_timeout=False,
             decode_responses=False,
             max_connections=256,
+            **connection_options(),
         )
         # Blocking stream reads need a socket timeout longer than their BLOCK.
         self.blocking: aioredis.Redis = aioredis.Redis.from_url(
@@ -167,6 +168,7 @@ class RedisHandle:
             socket_timeout=timeout + BLOCK_SECONDS * 2,
             retry_on_timeout=False,
             decode_responses=False,
+            **connection_options(),
         )
         # The per-notification commands (accept, route, deliver) go through lanes.
         self.lane = RedisLane(url, timeout)
