@@ -86,6 +86,25 @@ def cpu_detail(pid: int) -> dict[str, float]:
             "involuntary_cs": c.involuntary}
 
 
+def postgres_backends_cpu(database: str) -> float:
+    """User + system CPU seconds of the Postgres backends serving ``database`` now (a
+    backend's title names its database). Postgres is the machine's own server and is not
+    pinned, so its share is recorded beside the pinned processes'."""
+    total = 0.0
+    for proc in psutil.process_iter(["cmdline", "cpu_times"]):
+        cmdline = proc.info["cmdline"] or []
+        if cmdline and cmdline[0].startswith("postgres:") and f" {database} " in cmdline[0]:
+            t = proc.info["cpu_times"]
+            total += t.user + t.system
+    return total
+
+
+def cores_busy() -> list[float]:
+    """Busy (non-idle) CPU seconds of each core so far, for deltas over a window."""
+    return [t.user + t.nice + t.system + t.irq + t.softirq + t.steal
+            for t in psutil.cpu_times(percpu=True)]
+
+
 def rss_bytes(pid: int) -> int:
     return int(psutil.Process(pid).memory_info().rss)
 

@@ -44,12 +44,14 @@ from bench._common import (
     API_KEY,
     SERVER_CORE,
     commit_latency,
+    cores_busy,
     create_database,
     drop_database,
     get_json,
     new_name,
     percentile,
     pin_self,
+    postgres_backends_cpu,
     processes,
     raise_nofile,
     ratio,
@@ -65,15 +67,23 @@ from bench._common import (
 
 
 class Recorder:
+    """Latencies, with each notification's scheduled send time (for ``slowest_windows``)."""
+
     def __init__(self) -> None:
         self.latencies: list[float] = []
+        self.sent_at: list[float] = []
         self.recording = False
+
+    def start(self) -> None:
+        self.latencies, self.sent_at = [], []
+        self.recording = True
 
     def on_text(self, _: WsClient, data: bytes) -> None:
         now = time.perf_counter()
         sent = orjson.loads(data)["payload"]["t"]
         if self.recording:
             self.latencies.append(now - sent)
+            self.sent_at.append(sent)
 
 
 async def connect_users(ports: list[int], users: int, tally: Tally, rec: Recorder,
@@ -148,6 +158,38 @@ class RestSender:
             queue.put_nowait(conn)
 
 
+WINDOW_S = 0.1
+
+
+def slowest_windows(rec: Recorder, count: int = 8) -> list[dict[str, float]]:
+    """The ``count`` 100 ms windows of send time with the slowest notification, with
+    their offset from the first send: a tail made of stalls at a fixed period (a timer,
+    a purge, a collection) shows up as evenly spaced windows."""
+    if not rec.sent_at:
+        return []
+    first = min(rec.sent_at)
+    worst: dict[int, tuple[float, int]] = {}
+    for sent, latency in zip(rec.sent_at, rec.latencies, strict=True):
+        window = int((sent - first) / WINDOW_S)
+        top, n = worst.get(window, (0.0, 0))
+        worst[window] = (max(top, latency), n + 1)
+    slowest = sorted(worst.items(), key=lambda kv: kv[1][0], reverse=True)[:count]
+    return [{"at_s": round(w * WINDOW_S, 1), "max_ms": round(top * 1000, 2), "sent": n}
+            for w, (top, n) in sorted(slowest)]
+
+
+def p99_by_second(rec: Recorder) -> list[float]:
+    """p99 (ms) of the notifications sent in each second of the run: a tail that grows
+    through the run is a different problem from one made of a few stalls."""
+    if not rec.sent_at:
+        return []
+    first = min(rec.sent_at)
+    seconds: dict[int, list[float]] = {}
+    for sent, latency in zip(rec.sent_at, rec.latencies, strict=True):
+        seconds.setdefault(int(sent - first), []).append(latency * 1000)
+    return [round(percentile(seconds[s], 0.99), 2) for s in sorted(seconds)]
+
+
 def summarise(latencies: list[float], expected: int) -> dict[str, Any]:
     ms = [x * 1000 for x in latencies]
     return {
@@ -190,13 +232,15 @@ async def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.sleep(1.0)
             by_rate: dict[str, Any] = {}
             for rate in args.rates:
-                rec.latencies, sender.rest_latencies = [], []
-                rec.recording = True
+                rec.start()
+                sender.rest_latencies = []
                 spies = [start_profiler(s, f"cluster_{rate}_{s.name}", gil_only=True)
                          for s in (*gws, router)] if args.profile else []
                 cpu0 = {s.name: s.cpu() for s in (*gws, router, redis)}
                 detail0 = {s.name: s.cpu_detail() for s in (*gws, router, redis)}
-                t0 = time.monotonic()
+                database = dsn.rsplit("/", 1)[1]
+                pg0, busy0 = postgres_backends_cpu(database), cores_busy()
+                t0, started = time.monotonic(), time.time()
                 sent, lag = await drive(sender, rate, args.seconds, args.users)
                 await asyncio.sleep(1.0)
                 for spy in spies:
@@ -205,6 +249,9 @@ async def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
                 rec.recording = False
                 wall = time.monotonic() - t0
                 result = summarise(rec.latencies, sent)
+                result["started_unix"] = round(started, 3)
+                result["slowest_windows"] = slowest_windows(rec)
+                result["p99_ms_by_second"] = p99_by_second(rec)
                 rest_ms = [x * 1000 for x in sender.rest_latencies]
                 result["rest_p50_ms"] = round(percentile(rest_ms, 0.5), 3)
                 result["rest_p99_ms"] = round(percentile(rest_ms, 0.99), 3)
@@ -213,6 +260,12 @@ async def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
                 result["cpu_util"] = {s.name: round((s.cpu() - cpu0[s.name]) / wall, 3)
                                       for s in (*gws, router, redis)}
                 result["server_core_util"] = round(sum(result["cpu_util"].values()), 3)
+                # Postgres is not pinned: its backends' share, and how busy each core was
+                # (whatever ran there), say whether the server core was really the limit.
+                result["postgres_util"] = round(
+                    (postgres_backends_cpu(database) - pg0) / wall, 3)
+                result["core_busy"] = [round((b - b0) / wall, 3)
+                                       for b, b0 in zip(cores_busy(), busy0, strict=True)]
                 # Per notification sent: CPU (µs, user/system) and context switches.
                 result["per_notification"] = {
                     s.name: {k: round((v - detail0[s.name][k]) / sent * (1e6 if k in (
@@ -222,7 +275,11 @@ async def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"cluster @ {rate}/s: p50 {result['p50_ms']} ms  p99 {result['p99_ms']} ms "
                       f"({result['received']}/{result['expected']}, REST p99 "
                       f"{result['rest_p99_ms']} ms, server core util "
-                      f"{result['server_core_util']})", flush=True)
+                      f"{result['server_core_util']}, postgres {result['postgres_util']}, "
+                      f"cores busy {result['core_busy']})", flush=True)
+                print("  slowest 100 ms windows (s from start: max ms): " + ", ".join(
+                    f"{w['at_s']}: {w['max_ms']}" for w in result["slowest_windows"]), flush=True)
+                print(f"  p99 ms by second: {result['p99_ms_by_second']}", flush=True)
                 await asyncio.sleep(2.0)
             for c in clients:
                 c.close()
@@ -250,13 +307,13 @@ async def run_bare(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(1.0)
         by_rate: dict[str, Any] = {}
         for rate in args.rates:
-            rec.latencies = []
-            rec.recording = True
+            rec.start()
             cpu0, t0 = srv.cpu(), time.monotonic()
             sent, lag = await drive(send, rate, args.seconds, args.users)
             await asyncio.sleep(1.0)
             rec.recording = False
             result = summarise(rec.latencies, sent)
+            result["slowest_windows"] = slowest_windows(rec)
             result["sender_max_lag_ms"] = round(lag * 1000, 3)
             result["server_core_util"] = round((srv.cpu() - cpu0) / (time.monotonic() - t0), 3)
             by_rate[str(rate)] = result
