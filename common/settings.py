@@ -75,6 +75,7 @@ class Settings(BaseSettings):
     queue_message_ttl_seconds: int = Field(3600, ge=1)
     ack_enabled: bool = True
     ack_timeout_seconds: int = Field(30, ge=1)
+    receipt_retention_seconds: int = Field(86_400, ge=0)
     delivery_guarantee: DeliveryGuarantee = DeliveryGuarantee.AT_LEAST_ONCE
 
     websocket_heartbeat_interval: float = Field(30, gt=0)

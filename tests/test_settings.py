@@ -22,7 +22,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No stray configuration from the environment or a ``.env`` file."""
     for key in list(os.environ):
         if key.startswith(("JWT_", "API_", "RUN_", "SERVER_", "QUEUE_", "WEBSOCKET_",
-                           "RATELIMIT_", "DELIVERY_", "TENANT_", "LOG_", "NODE_", "SQLITE_")):
+                           "RATELIMIT_", "DELIVERY_", "TENANT_", "LOG_", "NODE_", "SQLITE_",
+                           "RECEIPT_")):
             monkeypatch.delenv(key)
     monkeypatch.chdir(tmp_path)
 
@@ -47,6 +48,7 @@ def test_defaults_match_the_documented_values() -> None:
     assert s.queue_max_size_per_user == 100
     assert s.queue_message_ttl_seconds == 3600
     assert s.ack_enabled is True and s.ack_timeout_seconds == 30
+    assert s.receipt_retention_seconds == 86_400
     assert s.delivery_guarantee == "at-least-once"
     assert s.websocket_heartbeat_interval == 30
     assert s.websocket_connection_timeout == 120
@@ -70,6 +72,20 @@ def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None
     assert s.at_least_once is False
     assert s.tenant_keys == {"key-1": "acme", "key-2": "globex"}
     assert s.cors_origins == ["https://a.test", "https://b.test"]
+
+
+def test_receipt_retention_is_read_and_may_be_zero_but_not_negative(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RECEIPT_RETENTION_SECONDS", "0")
+    assert load_settings().receipt_retention_seconds == 0
+    monkeypatch.setenv("RECEIPT_RETENTION_SECONDS", "604800")
+    assert load_settings().receipt_retention_seconds == 604_800
+    for bad in ("-1", "a day"):
+        monkeypatch.setenv("RECEIPT_RETENTION_SECONDS", bad)
+        with pytest.raises(SettingsError) as info:
+            load_settings()
+        assert "RECEIPT_RETENTION_SECONDS" in str(info.value)
 
 
 def test_dotenv_file_is_read(tmp_path: Path) -> None:
