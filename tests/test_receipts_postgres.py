@@ -4,16 +4,24 @@ A lone receipt is written with scalar parameters, concurrent ones share one
 statement of arrays; both must give the same rows, recipients and updates. A
 router records receipts in its mailbox write, and a cluster gateway answers for
 one not routed yet from the record the send left in Redis.
+
+Receipts are purged once their notification expired more than the retention ago,
+with their recipient and ACK rows, in batches; schema version 4 adds the index
+the purge searches.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 
+from common.backends import postgres
 from common.backends.base import MailboxPut
 from common.backends.postgres import PostgresHandle, PostgresMailbox, PostgresReceipts, migrate
 from common.backends.redis_client import RedisHandle
@@ -182,3 +190,180 @@ async def test_a_lone_row_and_receipt_write_the_same_as_a_batch_of_them(
     assert [e.notification.id for e in await box.pending("t", "f")] == [n.id for n in few]
     first = await receipts.get("t", few[0].id)
     assert first is not None and first.delivered_to == 9
+
+
+# -- purge ---------------------------------------------------------------------------
+
+DAY = 86_400
+
+
+def aged(i: int, created_ago: float, ttl: int, tenant: str = "t") -> Notification:
+    """A notification created ``created_ago`` seconds ago that lives ``ttl`` seconds."""
+    return Notification.create(tenant, "e", {"i": i}, default_ttl=ttl,
+                               now=time.time() - created_ago)
+
+
+async def rows_of(pg: PostgresHandle, table: str, notification_id: str) -> int:
+    return len(await pg.fetch(
+        f"SELECT 1 FROM {table} WHERE notification_id = $1", notification_id))
+
+
+async def test_purge_deletes_receipts_expired_beyond_retention_with_their_users_and_acks(
+    receipts: PostgresReceipts,
+) -> None:
+    now, retention = time.time(), 600
+    pg = receipts.pg
+    # Expired 950 s ago, beyond the retention: a multi-user one, a single-user one, and a
+    # single-user one written before schema 3 (with its recipient row), all ACKed.
+    many, lone, legacy = aged(1, 1000, 50), aged(2, 1000, 50), aged(3, 1000, 50)
+    await receipts.record(many, Target("users", user_ids=("a", "b")), 2)
+    await receipts.record(lone, Target("user", user_ids=("c",)), 1)
+    await receipts.record(legacy, Target("user", user_ids=("d",)), 1)
+    await pg.execute("INSERT INTO ara_receipt_users VALUES ($1, 'd')", legacy.id)
+    # Kept: expired 50 s ago (within the retention) and ACKed just now, and one still live.
+    recent, live = aged(4, 100, 50), aged(5, 0, 3600)
+    await receipts.record(recent, Target("users", user_ids=("a", "b")), 2)
+    await receipts.record(live, Target("user", user_ids=("a",)), 1)
+    for n, user in ((many, "a"), (lone, "c"), (legacy, "d"), (recent, "b"), (live, "a")):
+        assert await receipts.ack("t", n.id, user, "conn", n.created_at + 1) == "acked"
+
+    assert await receipts.purge(now - retention) == 3
+
+    for gone in (many, lone, legacy):
+        assert await receipts.get("t", gone.id) is None
+        assert await rows_of(pg, "ara_receipt_users", gone.id) == 0
+        assert await rows_of(pg, "ara_acks", gone.id) == 0
+        assert await receipts.ack("t", gone.id, "a", "conn", now) == "unknown"
+    kept = await receipts.get("t", recent.id)
+    assert kept is not None and [a[0] for a in kept.acked_by] == ["b"]
+    assert await rows_of(pg, "ara_receipt_users", recent.id) == 2
+    assert await receipts.ack("t", recent.id, "a", "conn", now) == "acked"
+    still = await receipts.get("t", live.id)
+    assert still is not None and len(still.acked_by) == 1
+    # Nothing left to purge: a second run deletes nothing.
+    assert await receipts.purge(now - retention) == 0
+
+
+async def test_a_purge_of_more_receipts_than_one_batch_deletes_all_of_them(
+    receipts: PostgresReceipts,
+) -> None:
+    receipts.PURGE_BATCH = 7
+    box = PostgresMailbox(receipts.pg, 100)
+    old = [aged(i, 3 * DAY, 60) for i in range(30)]
+    fresh = [aged(100 + i, 0, 60) for i in range(3)]
+    # Both ways receipts are written: with a router's mailbox write and by a gateway.
+    await box.put([], [(n, Target("users", user_ids=("a", "b")), 1) for n in old[:20]])
+    for n in [*old[20:], *fresh]:
+        await receipts.record(n, Target("users", user_ids=("a", "b")), 1)
+        assert await receipts.ack("t", n.id, "a", "conn", time.time()) == "acked"
+
+    assert await receipts.purge(time.time() - DAY) == 30
+
+    left = await receipts.pg.fetch("SELECT notification_id FROM ara_receipts")
+    assert sorted(r["notification_id"] for r in left) == sorted(n.id for n in fresh)
+    users = await receipts.pg.fetch("SELECT DISTINCT notification_id FROM ara_receipt_users")
+    acks = await receipts.pg.fetch("SELECT DISTINCT notification_id FROM ara_acks")
+    assert {r["notification_id"] for r in users} == {n.id for n in fresh}
+    assert {r["notification_id"] for r in acks} == {n.id for n in fresh}
+
+
+async def test_ack_stats_no_longer_count_purged_receipts(receipts: PostgresReceipts) -> None:
+    old, live = aged(1, 3 * DAY, 60), aged(2, 0, 3600)
+    for n in (old, live):
+        await receipts.record(n, Target("users", user_ids=("a", "b")), 2)
+        assert await receipts.ack("t", n.id, "a", "conn", n.created_at + 0.5) == "acked"
+    before = await receipts.stats("t", time.time(), 30)
+    assert (before.acknowledged, before.pending + before.expired) == (2, 2)
+
+    assert await receipts.purge(time.time() - DAY) == 1
+
+    after = await receipts.stats("t", time.time(), 30)
+    assert (after.acknowledged, after.pending, after.expired) == (1, 1, 0)
+    assert after.average_ack_time_ms == pytest.approx(500, abs=1)
+
+
+async def test_migration_4_adds_the_expiry_index_to_a_database_at_schema_3(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    admin = pg_admin_dsn()
+    url = await create_database(admin)
+    pg = PostgresHandle(url)
+    try:
+        with monkeypatch.context() as m:  # what an older release migrated to
+            m.setattr(postgres, "MIGRATIONS", postgres.MIGRATIONS[:3])
+            assert await migrate(url) == 3
+        await pg.open()
+        store = PostgresReceipts(pg)
+        old, live = aged(1, 3 * DAY, 60), aged(2, 0, 3600)
+        for n in (old, live):
+            await store.record(n, Target("users", user_ids=("a", "b")), 1)
+
+        assert await migrate(url) == 4
+        assert await migrate(url) == 4  # and again: nothing more to do
+
+        versions = await pg.fetch("SELECT version FROM ara_schema_version ORDER BY version")
+        assert [r["version"] for r in versions] == [1, 2, 3, 4]
+        index = await pg.fetchrow(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'ara_receipts_expiry_brin'")
+        assert index is not None
+        assert "USING brin (expires_at)" in index["indexdef"]
+        assert await store.purge(time.time() - DAY) == 1
+        assert await store.get("t", old.id) is None
+        assert await store.get("t", live.id) is not None
+    finally:
+        await pg.close()
+        await drop_database(admin, url)
+
+
+async def test_a_role_that_does_not_own_the_index_still_purges_and_warns_once(
+    receipts: PostgresReceipts, caplog: pytest.LogCaptureFixture,
+) -> None:
+    dsn = receipts.pg.dsn
+    role = f"ara_test_dml_{uuid.uuid4().hex[:8]}"
+    owner = await asyncpg.connect(dsn)
+    await owner.execute(f"CREATE ROLE {role} LOGIN")
+    await owner.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ara_receipts,"
+                        f" ara_receipt_users, ara_acks TO {role}")
+    base, database = dsn.rsplit("/", 1)
+    scheme, rest = base.split("://", 1)
+    host = rest.rsplit("@", 1)[-1]
+    handle = PostgresHandle(f"{scheme}://{role}@{host}/{database}")
+    try:
+        await handle.open()
+        limited = PostgresReceipts(handle)
+        for i in range(3):
+            await receipts.record(aged(i, 3 * DAY, 60), Target("users", user_ids=("a",)), 1)
+        with caplog.at_level(logging.WARNING, logger="ara.postgres"):
+            assert await limited.purge(time.time() - DAY) == 3
+            await receipts.record(aged(9, 3 * DAY, 60), Target("users", user_ids=("a",)), 1)
+            assert await limited.purge(time.time() - DAY) == 1
+        warnings = [r for r in caplog.records if "ara_receipts_expiry_brin" in r.getMessage()]
+        assert len(warnings) == 1
+        # The owner's purges keep the index maintained.
+        assert await receipts.purge(time.time() - DAY) == 0
+        assert receipts._summarize
+    finally:
+        await handle.close()
+        await owner.execute(f"DROP OWNED BY {role}")
+        await owner.execute(f"DROP ROLE {role}")
+        await owner.close()
+
+
+async def test_a_purge_does_not_wait_for_a_vacuum_that_holds_the_table(
+    receipts: PostgresReceipts,
+) -> None:
+    for i in range(3):
+        await receipts.record(aged(i, 3 * DAY, 60), Target("users", user_ids=("a",)), 1)
+    vacuum = await asyncpg.connect(receipts.pg.dsn)
+    try:
+        # What (auto)vacuum and ANALYZE hold while they work, and index upkeep needs.
+        async with vacuum.transaction():
+            await vacuum.execute("LOCK TABLE ara_receipts IN SHARE UPDATE EXCLUSIVE MODE")
+            assert await asyncio.wait_for(receipts.purge(time.time() - DAY), 5) == 3
+            assert receipts._unsummarized  # left for later
+        await receipts.record(aged(9, 3 * DAY, 60), Target("users", user_ids=("a",)), 1)
+        assert await asyncio.wait_for(receipts.purge(time.time() - DAY), 5) == 1
+        assert not receipts._unsummarized and receipts._summarize
+    finally:
+        await vacuum.close()
+

@@ -213,6 +213,19 @@ class ReceiptStore(Protocol):
 
     async def stats(self, tenant_id: str | None, now: float, ack_timeout: float) -> AckStats: ...
 
+    async def purge(self, before: float) -> int:
+        """Delete the receipts of notifications that expired before ``before``, with their
+        recipient and ACK rows; returns how many receipts were deleted.
+
+        Every notification leaves a receipt, so without this they pile up for good (86M
+        a day at 1000 notifications/s) and the ``stats`` query reads all of them. The
+        caller passes ``now - RECEIPT_RETENTION_SECONDS``: a receipt outlives the time its
+        notification can be delivered or ACKed by at least that much. Implementations
+        delete in bounded batches, each its own transaction, so a large purge neither
+        holds one huge transaction nor stalls the writers.
+        """
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Template:

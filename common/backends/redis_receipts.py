@@ -101,3 +101,8 @@ class ClusterReceipts:
 
     async def stats(self, tenant_id: str | None, now: float, ack_timeout: float) -> AckStats:
         return await self.stored.stats(tenant_id, now, ack_timeout)
+
+    async def purge(self, before: float) -> int:
+        """The stored receipts' purge. (Pending records expire in Redis on their own, by
+        their notification's expiry at the latest.)"""
+        return await self.stored.purge(before)

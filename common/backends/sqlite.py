@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS receipts (
     delivered_to INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS receipts_tenant ON receipts (tenant_id, created_at);
+CREATE INDEX IF NOT EXISTS receipts_expiry ON receipts (expires_at);
 CREATE TABLE IF NOT EXISTS receipt_users (
     notification_id TEXT NOT NULL,
     user_id TEXT NOT NULL,
@@ -258,8 +259,38 @@ async def write_receipts(db: aiosqlite.Connection, rows: Sequence[ReceiptRow]) -
 class SQLiteReceipts:
     """``ReceiptStore`` on SQLite."""
 
+    # Receipts one purge transaction deletes at most (see ``purge``).
+    PURGE_BATCH = 5000
+
     def __init__(self, database: SQLiteDatabase) -> None:
         self.database = database
+
+    async def purge(self, before: float) -> int:
+        """Delete receipts that expired before ``before`` with their users and ACKs, in
+        transactions of up to ``PURGE_BATCH`` receipts until one comes back short.
+
+        The lock is let go between batches: the node's one connection also serves its
+        sends and ACKs, which would otherwise wait for the whole purge.
+        """
+        total = 0
+        while True:
+            deleted = await self._purge_batch(before)
+            total += deleted
+            if deleted < self.PURGE_BATCH:
+                return total
+
+    @serialized
+    async def _purge_batch(self, before: float) -> int:
+        db = self.database.conn
+        cursor = await db.execute(
+            "SELECT notification_id FROM receipts WHERE expires_at < ? LIMIT ?",
+            (before, self.PURGE_BATCH),
+        )
+        ids = [(str(r[0]),) for r in await cursor.fetchall()]
+        for table in ("receipt_users", "acks", "receipts"):
+            await db.executemany(f"DELETE FROM {table} WHERE notification_id = ?", ids)
+        await db.commit()
+        return len(ids)
 
     @serialized
     async def record(self, notification: Notification, target: Target, delivered_to: int) -> None:
