@@ -54,6 +54,8 @@ from gateway.local import session_of
 
 log = logging.getLogger("ara.gateway")
 
+PURGE_PERIOD = 60  # seconds between two rounds of ``GatewayNode.purge``
+
 
 class ConnectionRefused(Exception):
     """A connection over a limit; ``code`` is the error code sent first."""
@@ -82,6 +84,10 @@ class Backends:
     stats: StatsStore = field(default_factory=MemoryStats)
     cluster: Callable[[], Awaitable[dict[str, object]]] | None = None
     available: Callable[[], bool] = lambda: True
+    # Whether this node's periodic purge also deletes receipts past their retention. The
+    # embedded node's does; a cluster's receipts are purged once for the whole cluster by
+    # the router holding partition 0, not by every gateway (``router/cluster.py``).
+    purges_receipts: bool = False
 
 
 class GatewayNode:
@@ -445,11 +451,29 @@ class GatewayNode:
 
     async def _purge_loop(self) -> None:
         while True:
-            await asyncio.sleep(60)
-            try:
-                removed = await self.backends.mailbox.purge_expired(time.time())
-                if removed:
-                    log.info("purged %d expired queued notifications", removed)
-                self.metrics.queue_depth.set(await self.backends.mailbox.depth())
-            except Exception:
-                log.warning("mailbox purge failed", exc_info=True)
+            await asyncio.sleep(PURGE_PERIOD)
+            await self.purge(time.time())
+
+    async def purge(self, now: float) -> None:
+        """One round of the periodic purge: expired mailbox rows, then (``purges_receipts``)
+        receipts whose notification expired more than ``RECEIPT_RETENTION_SECONDS`` ago.
+
+        Each part that fails is logged and tried again next round; neither stops the other.
+        """
+        try:
+            removed = await self.backends.mailbox.purge_expired(now)
+            if removed:
+                log.info("purged %d expired queued notifications", removed)
+            self.metrics.queue_depth.set(await self.backends.mailbox.depth())
+        except Exception:
+            log.warning("mailbox purge failed", exc_info=True)
+        if not self.backends.purges_receipts:
+            return
+        try:
+            purged = await self.backends.receipts.purge(
+                now - self.settings.receipt_retention_seconds)
+        except Exception:
+            log.warning("receipt purge failed; retried in %d s", PURGE_PERIOD, exc_info=True)
+            return
+        if purged:
+            log.info("purged %d receipts past their retention", purged)

@@ -677,9 +677,29 @@ class ClusterRouter:
             log.info("forgot %d dead gateways and %d dead routers",
                      len(dead_gateways), len(dead_routers))
         if self.leases.holds(0):
-            removed = await self.mailbox.purge_expired(time.time())
+            await self._purge(time.time())
+
+    async def _purge(self, now: float) -> None:
+        """Expired mailbox rows, and receipts whose notification expired more than
+        ``RECEIPT_RETENTION_SECONDS`` ago.
+
+        Run by the router holding partition 0 only: one process purges the cluster's
+        receipts (the gateways purge only the mailbox). Each part that fails is logged
+        and tried again by the next sweep; neither stops the other.
+        """
+        try:
+            removed = await self.mailbox.purge_expired(now)
             if removed:
                 log.info("purged %d expired mailbox entries", removed)
+        except Exception as exc:
+            log.warning("mailbox purge failed: %s", exc)
+        try:
+            purged = await self.receipts.purge(now - self.settings.receipt_retention_seconds)
+        except Exception as exc:
+            log.warning("receipt purge failed (%s); retried by the next sweep", exc)
+            return
+        if purged:
+            log.info("purged %d receipts past their retention", purged)
 
     def health(self) -> dict[str, Any]:
         return {

@@ -6,8 +6,8 @@ router records receipts in its mailbox write, and a cluster gateway answers for
 one not routed yet from the record the send left in Redis.
 
 Receipts are purged once their notification expired more than the retention ago,
-with their recipient and ACK rows, in batches; schema version 4 adds the index
-the purge searches.
+with their recipient and ACK rows, in batches, by the router holding partition 0
+only; schema version 4 adds the index the purge searches.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -31,7 +32,15 @@ from common.backends.redis_receipts import (
     pending_receipt_command,
 )
 from common.protocol import Notification, Target
-from tests.cluster_harness import RedisServer, create_database, drop_database, pg_admin_dsn
+from gateway.cluster import cluster_backends
+from tests.cluster_harness import (
+    RedisServer,
+    create_database,
+    drop_database,
+    pg_admin_dsn,
+    router_in_process,
+)
+from tests.conftest import EmbeddedServer, make_settings
 
 pytestmark = pytest.mark.cluster
 
@@ -367,3 +376,36 @@ async def test_a_purge_does_not_wait_for_a_vacuum_that_holds_the_table(
     finally:
         await vacuum.close()
 
+
+async def test_in_a_cluster_only_the_router_holding_partition_0_purges_receipts(
+    redis_server: RedisServer, tmp_path: Path,
+) -> None:
+    async with router_in_process(redis_server.url, "r-purge", "purge") as (router, dsn):
+        settings = make_settings(tmp_path, redis_url=redis_server.url, database_url=dsn,
+                                 node_id="gw-purge", redis_key_prefix="purge")
+        gateway = EmbeddedServer(settings, backends=cluster_backends)
+        await router.pg.open()
+        await gateway.start()
+        try:
+            old = aged(1, 3 * DAY, 60, tenant="default")
+            live = aged(2, 0, 3600, tenant="default")
+            for n in (old, live):
+                await router.receipts.record(n, Target("user", user_ids=("u",)), 1)
+
+            async def status(n: Notification) -> int:
+                return (await gateway.get(f"/api/v1/notifications/{n.id}")).status_code
+
+            assert (await status(old), await status(live)) == (200, 200)
+            await gateway.node.purge(time.time())  # a gateway purges the mailbox alone
+            await router._sweep()  # a router without partition 0 purges nothing
+            assert await status(old) == 200
+            assert await router.leases.acquire([0]) == [0]
+            await router._sweep()
+            missing = await gateway.get(f"/api/v1/notifications/{old.id}")
+            assert missing.status_code == 404
+            assert missing.json()["error"]["code"] == "NOTIFICATION_NOT_FOUND"
+            assert await status(live) == 200
+        finally:
+            await gateway.stop()
+            await router.leases.release([0])
+            await router.pg.close()

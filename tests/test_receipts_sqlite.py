@@ -1,7 +1,8 @@
 """SQLite receipts of the embedded node: purged once past their retention.
 
 A receipt goes, with its recipient and ACK rows, once its notification expired more
-than ``RECEIPT_RETENTION_SECONDS`` ago; the ACK statistics no longer count it.
+than ``RECEIPT_RETENTION_SECONDS`` ago; the embedded node's periodic purge does it,
+after which the receipt answers 404 and the ACK statistics no longer count it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import aiosqlite
 import pytest
+from conftest import ServerFactory
 
 from common.backends.sqlite import SCHEMA, SQLiteDatabase, SQLiteMailbox, SQLiteReceipts
 from common.protocol import Notification, Target
@@ -136,3 +138,24 @@ async def test_a_file_written_before_the_expiry_index_gets_it_when_opened(
     finally:
         await database.close()
 
+
+async def test_the_embedded_node_purges_a_receipt_after_its_retention_and_get_says_404(
+    server_factory: ServerFactory,
+) -> None:
+    server = await server_factory(receipt_retention_seconds=3600)
+    short = await server.send_to_user("offline", ttl=1)
+    long = await server.send_to_user("offline", ttl=7200)
+
+    async def status(sent: dict[str, object]) -> int:
+        return (await server.get(f"/api/v1/notifications/{sent['notification_id']}")).status_code
+
+    assert (await status(short), await status(long)) == (200, 200)
+    # Expired, but within the retention: kept.
+    await server.node.purge(time.time() + 60)
+    assert await status(short) == 200
+    # Past the retention: gone, while the longer-lived one is still there.
+    await server.node.purge(time.time() + 3600 + 60)
+    missing = await server.get(f"/api/v1/notifications/{short['notification_id']}")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "NOTIFICATION_NOT_FOUND"
+    assert await status(long) == 200
