@@ -550,6 +550,26 @@ def redis_server() -> Iterator[Any]:
 
 
 @pytest.fixture
+async def pg_receipts() -> AsyncIterator[Any]:
+    """``PostgresReceipts`` on a fresh, migrated database of the local Postgres, dropped at
+    teardown."""
+    from cluster_harness import create_database, drop_database, pg_admin_dsn
+
+    from common.backends.postgres import PostgresHandle, PostgresReceipts, migrate
+
+    admin = pg_admin_dsn()
+    url = await create_database(admin)
+    pg = PostgresHandle(url)
+    try:
+        await migrate(url)
+        await pg.open()
+        yield PostgresReceipts(pg)
+    finally:
+        await pg.close()
+        await drop_database(admin, url)
+
+
+@pytest.fixture
 async def server(server_factory: ServerFactory) -> EmbeddedServer:
     """One embedded server with test defaults."""
     return await server_factory()

@@ -104,20 +104,6 @@ async def test_a_purge_of_more_receipts_than_one_batch_deletes_all_of_them(
         assert await receipts.get("t", n.id) is not None
 
 
-async def test_ack_stats_no_longer_count_purged_receipts(receipts: SQLiteReceipts) -> None:
-    old, live = aged(1, 3 * DAY, 60), aged(2, 0, 3600)
-    for n in (old, live):
-        await receipts.record(n, Target("users", user_ids=("a", "b")), 2)
-        assert await receipts.ack("t", n.id, "a", "conn", n.created_at + 0.5) == "acked"
-    before = await receipts.stats("t", time.time(), 30)
-    assert (before.acknowledged, before.pending + before.expired) == (2, 2)
-
-    assert await receipts.purge(time.time() - DAY) == 1
-
-    after = await receipts.stats("t", time.time(), 30)
-    assert (after.acknowledged, after.pending, after.expired) == (1, 1, 0)
-
-
 async def test_a_file_written_before_the_expiry_index_gets_it_when_opened(
     tmp_path: Path,
 ) -> None:
