@@ -550,6 +550,19 @@ def redis_server() -> Iterator[Any]:
 
 
 @pytest.fixture
+async def sqlite_database(tmp_path: Path) -> AsyncIterator[Any]:
+    """An opened embedded-store ``SQLiteDatabase`` in the test's temporary folder."""
+    from common.backends.sqlite import SQLiteDatabase
+
+    database = SQLiteDatabase(str(tmp_path / "receipts.sqlite3"))
+    await database.open()
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+@pytest.fixture
 async def pg_receipts() -> AsyncIterator[Any]:
     """``PostgresReceipts`` on a fresh, migrated database of the local Postgres, dropped at
     teardown."""

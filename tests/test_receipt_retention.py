@@ -7,8 +7,6 @@ Store-specific behaviour (batches, indexes, migrations, who runs the purge) is p
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -20,13 +18,8 @@ DAY = 86_400
 
 
 @pytest.fixture
-async def sqlite_receipts(tmp_path: Path) -> AsyncIterator[SQLiteReceipts]:
-    database = SQLiteDatabase(str(tmp_path / "receipts.sqlite3"))
-    await database.open()
-    try:
-        yield SQLiteReceipts(database)
-    finally:
-        await database.close()
+def sqlite_receipts(sqlite_database: SQLiteDatabase) -> SQLiteReceipts:
+    return SQLiteReceipts(sqlite_database)
 
 
 @pytest.fixture(params=["pg_receipts", "sqlite_receipts"])

@@ -8,7 +8,6 @@ after which the receipt answers 404 and the ACK statistics no longer count it.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiosqlite
@@ -22,13 +21,8 @@ DAY = 86_400
 
 
 @pytest.fixture
-async def database(tmp_path: Path) -> AsyncIterator[SQLiteDatabase]:
-    db = SQLiteDatabase(str(tmp_path / "receipts.sqlite3"))
-    await db.open()
-    try:
-        yield db
-    finally:
-        await db.close()
+def database(sqlite_database: SQLiteDatabase) -> SQLiteDatabase:
+    return sqlite_database
 
 
 @pytest.fixture
