@@ -46,6 +46,7 @@ from common.metrics import Metrics
 from common.ring import partition_owners
 from common.settings import Settings
 from router.leases import Leases
+from router.linger import Linger
 from router.pubsub import PubSubTrigger
 from router.routing import Accepted, Router
 
@@ -56,7 +57,6 @@ LEASE_TTL = 5.0
 TICK = 1.0
 BATCH = 500
 READ_BLOCK_MS = 200
-LINGER_BELOW = 100  # entries: a read at least this large is not followed by the linger
 MERGE_LIMIT = 500
 MAX_BACKLOG = 10_000
 DEAD_NODE_GRACE = 600.0
@@ -114,7 +114,8 @@ class ClusterRouter:
         # Partitions not read until their backlog (waiting for Postgres) is written.
         self.full_backlogs: set[int] = set()
         self._new_entries = (">",) * self.partitions  # XREADGROUP's id per stream
-        self.linger = settings.router_batch_linger_ms / 1000
+        self.linger = Linger(settings.router_batch_linger_ms / 1000,
+                             settings.router_batch_linger_busy_ms / 1000)
         # Routed entries whose XACK/XDEL rides with the next read (one round trip less
         # per batch); flushed before a lease is given back or the router leaves.
         self.unacked: list[tuple[int, list[bytes]]] = []
@@ -295,13 +296,10 @@ class ClusterRouter:
                     response = await self._read(streams)
                     failed = await self._route_read(response)
                 backoff = 0.05
-                if response and self.linger and (
-                        sum(len(entries) for _, entries in response) < LINGER_BELOW):
-                    # Traffic is flowing in small batches: let the next one gather. Every
-                    # batch costs a read over all held partitions, two lookups, a mailbox
-                    # write and the appends, whatever its size (ROUTER_BATCH_LINGER_MS,
-                    # operations.md). A backlog is read in full batches without a pause.
-                    await asyncio.sleep(self.linger)
+                # Traffic flowing in small batches: let the next one gather (linger.py).
+                pause = self.linger.pause(sum(len(entries) for _, entries in response or ()))
+                if pause:
+                    await asyncio.sleep(pause)
                 if not streams:
                     await asyncio.sleep(0.2)
                 elif failed:
