@@ -24,5 +24,5 @@ def embedded_backends(settings: Settings, manager: ConnectionManager, metrics: M
         dispatcher=router,
         starters=[database.open],
         stoppers=[database.close],
-        purges_receipts=True,
+        janitor=True,
     )

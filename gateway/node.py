@@ -84,10 +84,12 @@ class Backends:
     stats: StatsStore = field(default_factory=MemoryStats)
     cluster: Callable[[], Awaitable[dict[str, object]]] | None = None
     available: Callable[[], bool] = lambda: True
-    # Whether this node's periodic purge also deletes receipts past their retention. The
-    # embedded node's does; a cluster's receipts are purged once for the whole cluster by
-    # the router holding partition 0, not by every gateway (``router/cluster.py``).
-    purges_receipts: bool = False
+    # Whether this node keeps the stores tidy: every ``PURGE_PERIOD`` it deletes expired
+    # mailbox rows and receipts past their retention and sets ``ara_queue_depth``. The
+    # embedded node does. In a cluster the router holding partition 0 does it once for
+    # the whole cluster (``router/cluster.py``): from every gateway it was the same
+    # deletes racing each other and a full scan of the mailbox per gateway per minute.
+    janitor: bool = False
 
 
 class GatewayNode:
@@ -118,7 +120,8 @@ class GatewayNode:
             await start()
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._heartbeat_loop()))
-        self._tasks.append(loop.create_task(self._purge_loop()))
+        if self.backends.janitor:
+            self._tasks.append(loop.create_task(self._purge_loop()))
         self.ready = True
         log.info("node %s ready", self.node_id)
 
@@ -455,8 +458,9 @@ class GatewayNode:
             await self.purge(time.time())
 
     async def purge(self, now: float) -> None:
-        """One round of the periodic purge: expired mailbox rows, then (``purges_receipts``)
-        receipts whose notification expired more than ``RECEIPT_RETENTION_SECONDS`` ago.
+        """One round of the periodic purge (``Backends.janitor``): expired mailbox rows and
+        the queue depth, then receipts whose notification expired more than
+        ``RECEIPT_RETENTION_SECONDS`` ago.
 
         Each part that fails is logged and tried again next round; neither stops the other.
         """
@@ -467,8 +471,6 @@ class GatewayNode:
             self.metrics.queue_depth.set(await self.backends.mailbox.depth())
         except Exception:
             log.warning("mailbox purge failed", exc_info=True)
-        if not self.backends.purges_receipts:
-            return
         try:
             purged = await self.backends.receipts.purge(
                 now - self.settings.receipt_retention_seconds)

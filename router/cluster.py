@@ -676,19 +676,23 @@ class ClusterRouter:
                      len(dead_gateways), len(dead_routers))
         if self.leases.holds(0):
             await self._purge(time.time())
+        else:
+            # The janitor's figure is the cluster's; this router's would be stale.
+            self.metrics.queue_depth.set(0)
 
     async def _purge(self, now: float) -> None:
-        """Expired mailbox rows, and receipts whose notification expired more than
-        ``RECEIPT_RETENTION_SECONDS`` ago.
+        """Expired mailbox rows and the queue depth (``ara_queue_depth``), and receipts
+        whose notification expired more than ``RECEIPT_RETENTION_SECONDS`` ago.
 
-        Run by the router holding partition 0 only: one process purges the cluster's
-        receipts (the gateways purge only the mailbox). Each part that fails is logged
-        and tried again by the next sweep; neither stops the other.
+        Run by the router holding partition 0 only, for the whole cluster: the gateways
+        leave both stores alone. Each part that fails is logged and tried again by the
+        next sweep; neither stops the other.
         """
         try:
             removed = await self.mailbox.purge_expired(now)
             if removed:
                 log.info("purged %d expired mailbox entries", removed)
+            self.metrics.queue_depth.set(await self.mailbox.depth())
         except Exception as exc:
             log.warning("mailbox purge failed: %s", exc)
         try:

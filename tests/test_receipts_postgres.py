@@ -352,7 +352,7 @@ async def test_a_purge_does_not_wait_for_a_vacuum_that_holds_the_table(
         await vacuum.close()
 
 
-async def test_in_a_cluster_only_the_router_holding_partition_0_purges_receipts(
+async def test_in_a_cluster_only_the_router_holding_partition_0_purges_and_counts_the_queue(
     redis_server: RedisServer, tmp_path: Path,
 ) -> None:
     async with router_in_process(redis_server.url, "r-purge", "purge") as (router, dsn):
@@ -362,24 +362,35 @@ async def test_in_a_cluster_only_the_router_holding_partition_0_purges_receipts(
         await router.pg.open()
         await gateway.start()
         try:
+            # The gateways run no purge of their own (every one of them used to repeat
+            # the same deletes and a full count of the mailbox every minute).
+            assert not gateway.node.backends.janitor
             old = aged(1, 3 * DAY, 60, tenant="default")
             live = aged(2, 0, 3600, tenant="default")
             for n in (old, live):
                 await router.receipts.record(n, Target("user", user_ids=("u",)), 1)
+            await router.mailbox.put([MailboxPut("u", old, False), MailboxPut("u", live, False),
+                                      MailboxPut("v", live, False)], [])
 
             async def status(n: Notification) -> int:
                 return (await gateway.get(f"/api/v1/notifications/{n.id}")).status_code
 
+            def depth() -> float:
+                return router.metrics.queue_depth._value.get()
+
             assert (await status(old), await status(live)) == (200, 200)
-            await gateway.node.purge(time.time())  # a gateway purges the mailbox alone
+            router.metrics.queue_depth.set(7)  # as a router that lost partition 0 left it
             await router._sweep()  # a router without partition 0 purges nothing
             assert await status(old) == 200
+            assert depth() == 0
+            assert await router.mailbox.depth() == 3
             assert await router.leases.acquire([0]) == [0]
             await router._sweep()
             missing = await gateway.get(f"/api/v1/notifications/{old.id}")
             assert missing.status_code == 404
             assert missing.json()["error"]["code"] == "NOTIFICATION_NOT_FOUND"
             assert await status(live) == 200
+            assert depth() == 2  # the expired row went
         finally:
             await gateway.stop()
             await router.leases.release([0])
