@@ -6,10 +6,10 @@ Pausing after a small read lets more entries arrive before the next one. The
 pause is paid in latency by every notification of the next batch, so it only
 pays off when enough of them arrive during it: at a few hundred notifications
 a second a 3 ms pause gathers less than one more entry, while at 1000 a second
-it triples the batch and cuts the router's CPU per notification by about a
-quarter (docs/benchmarks.md). So the router pauses ``base`` normally, and
-``busy`` once the arrival rate is such that ``busy`` gathers ``GATHER`` entries
-or more.
+it about doubles the batch and cut the router's CPU per notification by about a
+fifth on the benchmark host (docs/benchmarks.md, seventh round). So the router
+pauses ``base`` normally, and ``busy`` once the arrival rate is such that
+``busy`` gathers ``GATHER`` entries or more.
 
 The rate is an exponentially decayed count of routed entries (time constant
 ``RATE_TAU_SECONDS``), updated at each read: it follows a change of traffic
