@@ -85,6 +85,19 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
             registry=r,
         )
+        self.router_batch_entries = Histogram(
+            "ara_router_batch_entries",
+            "Entries routed together in one batch (one mailbox write, one lookup, one append"
+            " per gateway)",
+            buckets=(1, 2, 3, 4, 6, 8, 16, 32, 64, 128, 256, 500),
+            registry=r,
+        )
+        self.purged = Counter(
+            "ara_purged",
+            "Rows deleted by the periodic purge: expired mailbox rows, receipts past retention",
+            ["store"],
+            registry=r,
+        )
         self.router_backlog = Gauge(
             "ara_router_mailbox_backlog",
             "Mailbox writes waiting for Postgres to come back",

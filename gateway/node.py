@@ -468,6 +468,7 @@ class GatewayNode:
             removed = await self.backends.mailbox.purge_expired(now)
             if removed:
                 log.info("purged %d expired queued notifications", removed)
+                self.metrics.purged.labels("mailbox").inc(removed)
             self.metrics.queue_depth.set(await self.backends.mailbox.depth())
         except Exception:
             log.warning("mailbox purge failed", exc_info=True)
@@ -479,3 +480,4 @@ class GatewayNode:
             return
         if purged:
             log.info("purged %d receipts past their retention", purged)
+            self.metrics.purged.labels("receipts").inc(purged)

@@ -500,6 +500,7 @@ class ClusterRouter:
             await asyncio.sleep(0.1)
             return
         self.metrics.router_batch_seconds.observe(time.perf_counter() - started)
+        self.metrics.router_batch_entries.observe(len(merged))
         start = 0
         for part in decoded:
             reports = result.reports[start:start + len(part.batch)]
@@ -692,6 +693,7 @@ class ClusterRouter:
             removed = await self.mailbox.purge_expired(now)
             if removed:
                 log.info("purged %d expired mailbox entries", removed)
+                self.metrics.purged.labels("mailbox").inc(removed)
             self.metrics.queue_depth.set(await self.mailbox.depth())
         except Exception as exc:
             log.warning("mailbox purge failed: %s", exc)
@@ -702,6 +704,7 @@ class ClusterRouter:
             return
         if purged:
             log.info("purged %d receipts past their retention", purged)
+            self.metrics.purged.labels("receipts").inc(purged)
 
     def health(self) -> dict[str, Any]:
         return {

@@ -391,6 +391,9 @@ async def test_in_a_cluster_only_the_router_holding_partition_0_purges_and_count
             assert missing.json()["error"]["code"] == "NOTIFICATION_NOT_FOUND"
             assert await status(live) == 200
             assert depth() == 2  # the expired row went
+            purged = router.metrics.registry.get_sample_value
+            assert purged("ara_purged_total", {"store": "mailbox"}) == 1
+            assert purged("ara_purged_total", {"store": "receipts"}) == 1
         finally:
             await gateway.stop()
             await router.leases.release([0])

@@ -139,3 +139,7 @@ async def test_the_embedded_node_purges_a_receipt_after_its_retention_and_get_sa
     assert missing.status_code == 404
     assert missing.json()["error"]["code"] == "NOTIFICATION_NOT_FOUND"
     assert await status(long) == 200
+    purged = server.node.metrics.registry.get_sample_value
+    assert purged("ara_purged_total", {"store": "receipts"}) == 1
+    # The short-lived one's queued row went at the first purge, when it expired.
+    assert purged("ara_purged_total", {"store": "mailbox"}) == 1
