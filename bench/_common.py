@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -471,6 +471,22 @@ def get_json(port: int, path: str, headers: dict[str, str] | None = None) -> Any
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers or {})
     with urllib.request.urlopen(req, timeout=5) as resp:
         return json.loads(resp.read())
+
+
+def metric_values(port: int, names: Collection[str]) -> dict[str, float]:
+    """Unlabelled samples of a server's ``/metrics`` by sample name (0.0 when absent)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    found = dict.fromkeys(names, 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in found and not sample.labels:
+                found[sample.name] = float(sample.value)
+    return found
 
 
 async def commit_latency(dsn: str, count: int = 200) -> dict[str, float]:

@@ -48,6 +48,7 @@ from bench._common import (
     create_database,
     drop_database,
     get_json,
+    metric_values,
     new_name,
     percentile,
     pin_self,
@@ -161,6 +162,9 @@ class RestSender:
 WINDOW_S = 0.1
 
 
+BATCH_SAMPLES = ("ara_router_batch_entries_sum", "ara_router_batch_entries_count")
+
+
 def slowest_windows(rec: Recorder, count: int = 8) -> list[dict[str, float]]:
     """The ``count`` 100 ms windows of send time with the slowest notification, with
     their offset from the first send: a tail made of stalls at a fixed period (a timer,
@@ -240,6 +244,7 @@ async def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
                 detail0 = {s.name: s.cpu_detail() for s in (*gws, router, redis)}
                 database = dsn.rsplit("/", 1)[1]
                 pg0, busy0 = postgres_backends_cpu(database), cores_busy()
+                batches0 = metric_values(router.port, BATCH_SAMPLES)
                 t0, started = time.monotonic(), time.time()
                 sent, lag = await drive(sender, rate, args.seconds, args.users)
                 await asyncio.sleep(1.0)
@@ -266,6 +271,12 @@ async def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
                     (postgres_backends_cpu(database) - pg0) / wall, 3)
                 result["core_busy"] = [round((b - b0) / wall, 3)
                                        for b, b0 in zip(cores_busy(), busy0, strict=True)]
+                # How many entries the router routed per batch (what its linger moves).
+                batches = metric_values(router.port, BATCH_SAMPLES)
+                count = batches[BATCH_SAMPLES[1]] - batches0[BATCH_SAMPLES[1]]
+                result["router_batch_mean"] = round(
+                    (batches[BATCH_SAMPLES[0]] - batches0[BATCH_SAMPLES[0]]) / count, 2
+                ) if count else None
                 # Per notification sent: CPU (µs, user/system) and context switches.
                 result["per_notification"] = {
                     s.name: {k: round((v - detail0[s.name][k]) / sent * (1e6 if k in (
@@ -276,7 +287,8 @@ async def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
                       f"({result['received']}/{result['expected']}, REST p99 "
                       f"{result['rest_p99_ms']} ms, server core util "
                       f"{result['server_core_util']}, postgres {result['postgres_util']}, "
-                      f"cores busy {result['core_busy']})", flush=True)
+                      f"cores busy {result['core_busy']}, router batch "
+                      f"{result['router_batch_mean']})", flush=True)
                 print("  slowest 100 ms windows (s from start: max ms): " + ", ".join(
                     f"{w['at_s']}: {w['max_ms']}" for w in result["slowest_windows"]), flush=True)
                 print(f"  p99 ms by second: {result['p99_ms_by_second']}", flush=True)
