@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +165,8 @@ class RestSender:
 WINDOW_S = 0.1
 
 
-BATCH_SAMPLES = ("ara_router_batch_entries_sum", "ara_router_batch_entries_count")
+BATCH_SAMPLES = ("ara_router_batch_entries_sum", "ara_router_batch_entries_count",
+                 "ara_router_batch_seconds_sum")
 
 
 def slowest_windows(rec: Recorder, count: int = 8) -> list[dict[str, float]]:
@@ -277,6 +281,10 @@ async def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
                 result["router_batch_mean"] = round(
                     (batches[BATCH_SAMPLES[0]] - batches0[BATCH_SAMPLES[0]]) / count, 2
                 ) if count else None
+                # And how long routing one took, read to appends (wall time, ms).
+                result["router_batch_ms"] = round(
+                    (batches[BATCH_SAMPLES[2]] - batches0[BATCH_SAMPLES[2]]) / count * 1000, 3
+                ) if count else None
                 # Per notification sent: CPU (µs, user/system) and context switches.
                 result["per_notification"] = {
                     s.name: {k: round((v - detail0[s.name][k]) / sent * (1e6 if k in (
@@ -288,7 +296,8 @@ async def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
                       f"{result['rest_p99_ms']} ms, server core util "
                       f"{result['server_core_util']}, postgres {result['postgres_util']}, "
                       f"cores busy {result['core_busy']}, router batch "
-                      f"{result['router_batch_mean']})", flush=True)
+                      f"{result['router_batch_mean']} in {result['router_batch_ms']} ms)",
+                      flush=True)
                 print("  slowest 100 ms windows (s from start: max ms): " + ", ".join(
                     f"{w['at_s']}: {w['max_ms']}" for w in result["slowest_windows"]), flush=True)
                 print(f"  p99 ms by second: {result['p99_ms_by_second']}", flush=True)
@@ -336,9 +345,38 @@ async def run_bare(args: argparse.Namespace) -> dict[str, Any]:
         return {"by_rate": by_rate}
 
 
+# A busy loop pinned to the server core for ``argv[1]`` of every 5 ms: contention of a
+# known size, for seeing how a setting behaves when the servers do not have the core alone.
+HOG = """
+import os, sys, time
+duty, period = float(sys.argv[1]), 0.005
+while True:
+    start = time.perf_counter()
+    while time.perf_counter() - start < period * duty:
+        pass
+    time.sleep(period * (1 - duty))
+"""
+
+
+@contextlib.contextmanager
+def server_core_hog(duty: float) -> Iterator[None]:
+    """``--hog``: the busy loop above on the server core while the block runs."""
+    if not duty:
+        yield
+        return
+    hog = subprocess.Popen(["taskset", "-c", str(SERVER_CORE), sys.executable, "-c", HOG,
+                            str(duty)])
+    try:
+        yield
+    finally:
+        hog.kill()
+        hog.wait()
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    bare = await run_bare(args)
-    cluster = await run_cluster(args)
+    with server_core_hog(args.hog):
+        bare = await run_bare(args)
+        cluster = await run_cluster(args)
     summary: dict[str, Any] = {}
     for rate in args.rates:
         c, b = cluster["by_rate"][str(rate)], bare["by_rate"][str(rate)]
@@ -356,7 +394,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     summary["pg_commit_p99_ms"] = cluster["pg_commit_latency"]["p99_ms"]
     print("summary:", summary)
     return {"rates": args.rates, "seconds": args.seconds, "users": args.users,
-            "cluster": cluster, "bare": bare, "summary": summary}
+            "hog": args.hog, "cluster": cluster, "bare": bare, "summary": summary}
 
 
 def main() -> None:
@@ -371,8 +409,13 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="py-spy (--gil) the gateways and the router over each rate's window "
                              "(bench/results/profiles/cluster_<rate>_<process>.txt)")
+    parser.add_argument("--hog", type=float, default=0.0,
+                        help="keep the server core busy this fraction of the time with a "
+                             "pinned busy loop (0 to 0.9; both the bare and the cluster runs)")
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
+    if not 0 <= args.hog <= 0.9:
+        parser.error("--hog must be between 0 and 0.9")
     args.rates = [int(r) for r in str(args.rates).split(",")]
     pin_self()
     raise_nofile()
