@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     database_url: str | None = None
     router_partitions: int = Field(64, ge=1, le=4096)
     router_batch_linger_ms: float = Field(1.0, ge=0, le=100)
-    router_batch_linger_busy_ms: float = Field(3.0, ge=0, le=100)
+    router_batch_linger_busy_ms: float = Field(0.0, ge=0, le=100)
     sqlite_path: str = "ara-notify.sqlite3"
 
     queue_enabled: bool = True

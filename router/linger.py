@@ -9,9 +9,9 @@ a second a 3 ms pause gathers less than one more entry, while at 1000 a second
 it about doubles the batch and cut the router's CPU per notification by about a
 fifth on the benchmark host (docs/benchmarks.md, seventh round). So the router
 pauses ``base`` normally, and ``busy`` once the arrival rate is such that
-``busy`` gathers ``GATHER`` entries or more. That trade pays where the router
-shares its core or runs near its CPU limit; on a core of its own it only adds
-latency, and ``ROUTER_BATCH_LINGER_BUSY_MS=0`` turns it off (operations.md).
+``busy`` gathers ``GATHER`` entries or more. The busy pause is off unless
+``ROUTER_BATCH_LINGER_BUSY_MS`` is set: it paid on a noisy host whose wake-ups
+were dear and cost latency on a quiet core and under a CPU hog (operations.md).
 
 The rate is an exponentially decayed count of routed entries (time constant
 ``RATE_TAU_SECONDS``), updated at each read: it follows a change of traffic

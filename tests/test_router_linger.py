@@ -78,7 +78,10 @@ def test_no_base_linger_pauses_only_under_heavy_traffic() -> None:
     assert _steady(linger, 1000, 2.0, start=2.0) == BUSY
 
 
-def test_settings_default_to_one_and_three_milliseconds() -> None:
+def test_settings_default_to_one_millisecond_and_no_busy_pause() -> None:
     settings = Settings()
     assert settings.router_batch_linger_ms == 1.0
-    assert settings.router_batch_linger_busy_ms == 3.0
+    assert settings.router_batch_linger_busy_ms == 0.0
+    linger = Linger(settings.router_batch_linger_ms / 1000,
+                    settings.router_batch_linger_busy_ms / 1000, _stamp=0.0)
+    assert _steady(linger, 5000, 1.0) == BASE
