@@ -349,6 +349,8 @@ async def run_bare(args: argparse.Namespace) -> dict[str, Any]:
 # known size, for seeing how a setting behaves when the servers do not have the core alone.
 HOG = """
 import os, sys, time
+if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > int(sys.argv[2]):
+    os.sched_setaffinity(0, {int(sys.argv[2])})
 duty, period = float(sys.argv[1]), 0.005
 while True:
     start = time.perf_counter()
@@ -364,8 +366,7 @@ def server_core_hog(duty: float) -> Iterator[None]:
     if not duty:
         yield
         return
-    hog = subprocess.Popen(["taskset", "-c", str(SERVER_CORE), sys.executable, "-c", HOG,
-                            str(duty)])
+    hog = subprocess.Popen([sys.executable, "-c", HOG, str(duty), str(SERVER_CORE)])
     try:
         yield
     finally:
