@@ -489,6 +489,51 @@ def metric_values(port: int, names: Collection[str]) -> dict[str, float]:
     return found
 
 
+def gc_pauses(port: int) -> dict[str, dict[str, float]]:
+    """A server's ``ara_gc_pause_seconds`` by generation: collections, seconds paused in
+    all, and collections that paused longer than 10 ms (cumulative since it started)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    found: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "ara_gc_pause_seconds":
+            continue
+        for sample in family.samples:
+            generation = sample.labels.get("generation")
+            if generation is None:
+                continue
+            entry = found.setdefault(generation, {"count": 0.0, "seconds": 0.0,
+                                                  "under_10ms": 0.0})
+            if sample.name.endswith("_count"):
+                entry["count"] = float(sample.value)
+            elif sample.name.endswith("_sum"):
+                entry["seconds"] = float(sample.value)
+            elif sample.name.endswith("_bucket") and sample.labels.get("le") == "0.01":
+                entry["under_10ms"] = float(sample.value)
+    return found
+
+
+def gc_pauses_between(
+    before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]
+) -> dict[str, dict[str, float]]:
+    """What ``gc_pauses`` counted between two readings, per generation (ms paused in all,
+    collections, collections over 10 ms)."""
+    out: dict[str, dict[str, float]] = {}
+    for generation, now in sorted(after.items()):
+        then = before.get(generation, {"count": 0.0, "seconds": 0.0, "under_10ms": 0.0})
+        count = now["count"] - then["count"]
+        out[generation] = {
+            "collections": count,
+            "paused_ms": round((now["seconds"] - then["seconds"]) * 1000, 3),
+            "over_10ms": count - (now["under_10ms"] - then["under_10ms"]),
+        }
+    return out
+
+
 async def commit_latency(dsn: str, count: int = 200) -> dict[str, float]:
     """p50/p99 of a one-row INSERT commit on ``dsn`` (what one fsync costs here)."""
     import asyncpg

@@ -50,6 +50,8 @@ from bench._common import (
     cores_busy,
     create_database,
     drop_database,
+    gc_pauses,
+    gc_pauses_between,
     get_json,
     metric_values,
     new_name,
@@ -249,6 +251,7 @@ async def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
                 database = dsn.rsplit("/", 1)[1]
                 pg0, busy0 = postgres_backends_cpu(database), cores_busy()
                 batches0 = metric_values(router.port, BATCH_SAMPLES)
+                gc0 = {s.name: gc_pauses(s.port) for s in (*gws, router)}
                 t0, started = time.monotonic(), time.time()
                 sent, lag = await drive(sender, rate, args.seconds, args.users)
                 await asyncio.sleep(1.0)
@@ -285,6 +288,9 @@ async def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
                 result["router_batch_ms"] = round(
                     (batches[BATCH_SAMPLES[2]] - batches0[BATCH_SAMPLES[2]]) / count * 1000, 3
                 ) if count else None
+                # The garbage collectors' pauses in each process over the window.
+                result["gc"] = {s.name: gc_pauses_between(gc0[s.name], gc_pauses(s.port))
+                                for s in (*gws, router)}
                 # Per notification sent: CPU (µs, user/system) and context switches.
                 result["per_notification"] = {
                     s.name: {k: round((v - detail0[s.name][k]) / sent * (1e6 if k in (
@@ -298,6 +304,11 @@ async def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
                       f"cores busy {result['core_busy']}, router batch "
                       f"{result['router_batch_mean']} in {result['router_batch_ms']} ms)",
                       flush=True)
+                print("  gc pauses (ms, collections, over 10 ms) by generation: " + "; ".join(
+                    f"{name} " + " ".join(
+                        f"g{g}={v['paused_ms']}/{v['collections']:.0f}/{v['over_10ms']:.0f}"
+                        for g, v in gens.items()) for name, gens in result["gc"].items()),
+                    flush=True)
                 print("  slowest 100 ms windows (s from start: max ms): " + ", ".join(
                     f"{w['at_s']}: {w['max_ms']}" for w in result["slowest_windows"]), flush=True)
                 print(f"  p99 ms by second: {result['p99_ms_by_second']}", flush=True)

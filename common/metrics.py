@@ -106,6 +106,13 @@ class Metrics:
         self.pubsub_dispatched = Counter(
             "ara_pubsub_dispatched", "Pub/Sub trigger messages dispatched", registry=r
         )
+        self.gc_pauses = Histogram(
+            "ara_gc_pause_seconds",
+            "Pauses of this process's cyclic garbage collector",
+            ["generation"],
+            buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+            registry=r,
+        )
         self.pubsub_invalid = Counter(
             "ara_pubsub_invalid", "Pub/Sub trigger messages dropped as invalid", registry=r
         )

@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.auth import ApiKeyChecker, TokenVerifier
 from common.errors import ApiError, BackendUnavailable
+from common.gctune import GcPauses
 from common.idempotency import Idempotency
 from common.logs import current_request
 from common.metrics import Metrics
@@ -163,13 +164,17 @@ def create_app(settings: Settings, make_backends: BackendsFactory) -> Starlette:
     sender = Sender(settings, backends.dispatcher, backends.templates, backends.receipts, metrics,
                     backends.stats)
 
+    gc_pauses = GcPauses(metrics.gc_pauses)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        gc_pauses.start()
         await node.start()
         try:
             yield
         finally:
             await node.stop()
+            gc_pauses.stop()
 
     async def health(request: Request) -> Response:
         return JSONResponse(await node.health())

@@ -16,6 +16,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from common import jsoncodec
+from common.gctune import GcPauses
 from common.metrics import Metrics
 from common.settings import Settings
 from router.cluster import ClusterRouter
@@ -28,14 +29,17 @@ def _json(body: object, status: int = 200) -> Response:
 def create_router_app(settings: Settings) -> Starlette:
     metrics = Metrics()
     router = ClusterRouter(settings, metrics)
+    gc_pauses = GcPauses(metrics.gc_pauses)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        gc_pauses.start()
         await router.start()
         try:
             yield
         finally:
             await router.stop()
+            gc_pauses.stop()
 
     async def health(request: Request) -> Response:
         return _json(router.health())

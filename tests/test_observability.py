@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import re
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from common.gctune import GcPauses
 from common.telemetry import enable_tracing
 
 _EXPORTER = InMemorySpanExporter()
@@ -150,6 +152,18 @@ async def test_metrics_count_connections_deliveries_queue_acks_and_rate_limits(s
     for line in text.splitlines():
         if line.startswith("ara_") and "{" in line:
             assert "metric-user" not in line, "user ids must never be label values"
+
+
+async def test_gc_pauses_are_timed_by_generation_while_the_app_runs(server_factory):
+    server = await server_factory()
+    gc.collect()
+    text = (await server.get("/metrics")).text
+    match = re.search(r'^ara_gc_pause_seconds_count\{generation="2"\} ([0-9.e+]+)$', text,
+                      re.MULTILINE)
+    assert match and float(match.group(1)) >= 1
+    await server.stop()
+    assert not any(type(getattr(cb, "__self__", None)) is GcPauses for cb in gc.callbacks), (
+        "the app's collector hook outlived its lifespan")
 
 
 async def test_json_logs_carry_request_and_notification_ids(serve_process):
