@@ -491,7 +491,7 @@ def metric_values(port: int, names: Collection[str]) -> dict[str, float]:
 
 def gc_pauses(port: int) -> dict[str, dict[str, float]]:
     """A server's ``ara_gc_pause_seconds`` by generation: collections, seconds paused in
-    all, and collections that paused longer than 10 ms (cumulative since it started)."""
+    all, and collections that paused at most 10 ms (cumulative since it started)."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
