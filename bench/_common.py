@@ -534,6 +534,35 @@ def gc_pauses_between(
     return out
 
 
+def redis_command_stats(port: int) -> dict[str, tuple[float, float]]:
+    """A Redis server's ``INFO commandstats``: calls and µs spent, by command
+    (cumulative since it started or since ``CONFIG RESETSTAT``)."""
+    import redis
+
+    client = redis.Redis(port=port)
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    return {name.removeprefix("cmdstat_"): (float(v["calls"]), float(v["usec"]))
+            for name, v in stats.items()}
+
+
+def redis_commands_between(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]], per: int,
+) -> dict[str, dict[str, float]]:
+    """Calls and Redis CPU (µs) per ``per`` (e.g. notifications sent) of each command
+    run between two ``redis_command_stats`` readings, dearest first. Only the time
+    Redis spent executing commands: its network reads and writes are not in it."""
+    rows: dict[str, dict[str, float]] = {}
+    for name, (calls, usec) in after.items():
+        calls0, usec0 = before.get(name, (0.0, 0.0))
+        if calls > calls0 and per:
+            rows[name] = {"calls": round((calls - calls0) / per, 3),
+                          "us": round((usec - usec0) / per, 2)}
+    return dict(sorted(rows.items(), key=lambda kv: -kv[1]["us"]))
+
+
 async def commit_latency(dsn: str, count: int = 200) -> dict[str, float]:
     """p50/p99 of a one-row INSERT commit on ``dsn`` (what one fsync costs here)."""
     import asyncpg

@@ -61,6 +61,8 @@ from bench._common import (
     processes,
     raise_nofile,
     ratio,
+    redis_command_stats,
+    redis_commands_between,
     start_bare,
     start_cluster_process,
     start_profiler,
@@ -252,6 +254,7 @@ async def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
                 pg0, busy0 = postgres_backends_cpu(database), cores_busy()
                 batches0 = metric_values(router.port, BATCH_SAMPLES)
                 gc0 = {s.name: gc_pauses(s.port) for s in (*gws, router)}
+                commands0 = redis_command_stats(redis.port)
                 t0, started = time.monotonic(), time.time()
                 sent, lag = await drive(sender, rate, args.seconds, args.users)
                 await asyncio.sleep(1.0)
@@ -291,6 +294,9 @@ async def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
                 # The garbage collectors' pauses in each process over the window.
                 result["gc"] = {s.name: gc_pauses_between(gc0[s.name], gc_pauses(s.port))
                                 for s in (*gws, router)}
+                # What Redis spent its command time on, per notification sent.
+                result["redis_commands"] = redis_commands_between(
+                    commands0, redis_command_stats(redis.port), sent)
                 # Per notification sent: CPU (µs, user/system) and context switches.
                 result["per_notification"] = {
                     s.name: {k: round((v - detail0[s.name][k]) / sent * (1e6 if k in (
@@ -309,6 +315,9 @@ async def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
                         f"g{g}={v['paused_ms']}/{v['collections']:.0f}/{v['over_10ms']:.0f}"
                         for g, v in gens.items()) for name, gens in result["gc"].items()),
                     flush=True)
+                print("  redis command time per notification (calls, µs): " + ", ".join(
+                    f"{name} {v['calls']}/{v['us']}"
+                    for name, v in list(result["redis_commands"].items())[:8]), flush=True)
                 print("  slowest 100 ms windows (s from start: max ms): " + ", ".join(
                     f"{w['at_s']}: {w['max_ms']}" for w in result["slowest_windows"]), flush=True)
                 print(f"  p99 ms by second: {result['p99_ms_by_second']}", flush=True)
