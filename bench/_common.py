@@ -25,9 +25,12 @@ import uuid
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
+
+if TYPE_CHECKING:
+    from prometheus_client.samples import Sample
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -473,47 +476,43 @@ def get_json(port: int, path: str, headers: dict[str, str] | None = None) -> Any
         return json.loads(resp.read())
 
 
-def metric_values(port: int, names: Collection[str]) -> dict[str, float]:
-    """Unlabelled samples of a server's ``/metrics`` by sample name (0.0 when absent)."""
+def metric_samples(port: int) -> list[Sample]:
+    """Every sample of a server's ``/metrics``, parsed."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         text = resp.read().decode()
+    return [sample for family in text_string_to_metric_families(text)
+            for sample in family.samples]
+
+
+def metric_values(port: int, names: Collection[str]) -> dict[str, float]:
+    """Unlabelled samples of a server's ``/metrics`` by sample name (0.0 when absent)."""
     found = dict.fromkeys(names, 0.0)
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name in found and not sample.labels:
-                found[sample.name] = float(sample.value)
+    for sample in metric_samples(port):
+        if sample.name in found and not sample.labels:
+            found[sample.name] = float(sample.value)
     return found
 
 
 def gc_pauses(port: int) -> dict[str, dict[str, float]]:
     """A server's ``ara_gc_pause_seconds`` by generation: collections, seconds paused in
     all, and collections that paused at most 10 ms (cumulative since it started)."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
     found: dict[str, dict[str, float]] = {}
-    for family in text_string_to_metric_families(text):
-        if family.name != "ara_gc_pause_seconds":
+    for sample in metric_samples(port):
+        generation = sample.labels.get("generation")
+        if not sample.name.startswith("ara_gc_pause_seconds_") or generation is None:
             continue
-        for sample in family.samples:
-            generation = sample.labels.get("generation")
-            if generation is None:
-                continue
-            entry = found.setdefault(generation, {"count": 0.0, "seconds": 0.0,
-                                                  "under_10ms": 0.0})
-            if sample.name.endswith("_count"):
-                entry["count"] = float(sample.value)
-            elif sample.name.endswith("_sum"):
-                entry["seconds"] = float(sample.value)
-            elif sample.name.endswith("_bucket") and sample.labels.get("le") == "0.01":
-                entry["under_10ms"] = float(sample.value)
+        entry = found.setdefault(generation, {"count": 0.0, "seconds": 0.0,
+                                              "under_10ms": 0.0})
+        if sample.name.endswith("_count"):
+            entry["count"] = float(sample.value)
+        elif sample.name.endswith("_sum"):
+            entry["seconds"] = float(sample.value)
+        elif sample.name.endswith("_bucket") and sample.labels.get("le") == "0.01":
+            entry["under_10ms"] = float(sample.value)
     return found
 
 
