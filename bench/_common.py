@@ -258,14 +258,14 @@ def gateway_env(port: int, **extra: str) -> dict[str, str]:
 def start_bare(procs: Processes, name: str = "bare") -> Server:
     port = free_port()
     return procs.start(
-        name, [sys.executable, str(BENCH / "bare_server.py"), "--port", str(port)], port=port
+        name, [server_python(), str(BENCH / "bare_server.py"), "--port", str(port)], port=port
     )
 
 
 def start_embedded(procs: Processes, name: str = "gateway", **extra: str) -> Server:
     port = free_port()
     env = gateway_env(port, SQLITE_PATH=str(procs.workdir / f"{name}.sqlite3"), **extra)
-    return procs.start(name, [sys.executable, "-m", "common.cli", "serve"], env=env, port=port)
+    return procs.start(name, [server_python(), "-m", "common.cli", "serve"], env=env, port=port)
 
 
 def token(sub: str, tenant: str | None = None, ttl: int = 24 * 3600) -> str:
@@ -440,16 +440,23 @@ def cluster_env(port: int, node_id: str, redis_url: str, dsn: str, prefix: str,
     )
 
 
+def server_python() -> str:
+    """The interpreter the measured servers run on: this one, or ``ARA_BENCH_SERVER_PYTHON``
+    (a virtualenv's ``python`` with the project's dependencies installed, to compare
+    Python versions in one run of the same benchmark: the clients stay on this one)."""
+    return os.environ.get("ARA_BENCH_SERVER_PYTHON") or sys.executable
+
+
 def start_cluster_process(procs: Processes, kind: str, node_id: str, redis_url: str, dsn: str,
                           prefix: str, core: int | None = SERVER_CORE, **extra: str) -> Server:
     port = free_port()
     env = cluster_env(port, node_id, redis_url, dsn, prefix, **extra)
-    command = [sys.executable, "-m", "common.cli", kind]
+    command = [server_python(), "-m", "common.cli", kind]
     cprofile_dir = os.environ.get("ARA_BENCH_CPROFILE_DIR")
     only = os.environ.get("ARA_BENCH_CPROFILE_ONLY")  # e.g. "router-1": profile just that one
     if cprofile_dir and (not only or node_id in only.split(",")):
         # CPU-time attribution, see bench/_cprofile_run.py
-        command = [sys.executable, str(BENCH / "_cprofile_run.py"),
+        command = [server_python(), str(BENCH / "_cprofile_run.py"),
                    str(Path(cprofile_dir) / f"{node_id}.prof"), "common.cli", kind]
     return procs.start(node_id, command, env=env, port=port, core=core)
 
