@@ -10,8 +10,12 @@ Postgres (which is never pinned): the servers' core then holds only the
 service's own processes.
 Client side (this process, core 1): ``--users`` WebSocket clients split over
 the two gateways, and an open-loop sender that POSTs
-``/api/v1/notifications/send`` to alternating gateways (so half the traffic
-crosses gateways) on a fixed schedule. The latency of a notification is
+``/api/v1/notifications/send`` to alternating gateways on a fixed schedule.
+With an even ``--users`` and even send counts (the defaults) each send lands on
+the gateway that holds its user's socket; that changes none of the work, since
+every notification still goes through the router and the holder's delivery
+stream. ``--split`` puts every socket on gw-1 and every send on gw-0, so each
+gateway's CPU is one side of the work. The latency of a notification is
 from its scheduled send time (stamped in its payload) to the moment its
 frame is parsed at the client, so a slow server cannot hide behind a
 waiting sender.
@@ -242,8 +246,13 @@ async def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
                     break
                 await asyncio.sleep(0.2)
             tally, rec = Tally(), Recorder()
-            clients = await connect_users([g.port for g in gws], args.users, tally, rec, True)
-            pools = [[await http_connect(g.port) for _ in range(args.http_conns)] for g in gws]
+            # --split: every socket on gw-1 and every send to gw-0, so each gateway's CPU
+            # is one side of the work (taking sends / writing to sockets).
+            holders, takers = (gws[1:], gws[:1]) if args.split else (gws, gws)
+            clients = await connect_users([g.port for g in holders], args.users, tally, rec,
+                                          True)
+            pools = [[await http_connect(g.port) for _ in range(args.http_conns)]
+                     for g in takers]
             sender = RestSender(pools)
             await drive(sender, min(args.rates), 2.0, args.users)  # warm-up
             await asyncio.sleep(1.0)
@@ -310,11 +319,17 @@ async def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
                     s.name: {k: round((v - detail0[s.name][k]) / sent * (1e6 if k in (
                         "user", "system") else 1), 2) for k, v in s.cpu_detail().items()}
                     for s in (*gws, router, redis)}
+                # Their sum over what runs on the server core: with the bare server's figure
+                # (same run), the ratio that tells a slower host from dearer code.
+                result["cpu_us_per_notification"] = round(sum(
+                    v["user"] + v["system"] for name, v in result["per_notification"].items()
+                    if name != redis.name or redis_core == SERVER_CORE), 1)
                 by_rate[str(rate)] = result
                 print(f"cluster @ {rate}/s: p50 {result['p50_ms']} ms  p99 {result['p99_ms']} ms "
                       f"({result['received']}/{result['expected']}, REST p99 "
                       f"{result['rest_p99_ms']} ms, server core util "
-                      f"{result['server_core_util']}, postgres {result['postgres_util']}, "
+                      f"{result['server_core_util']} ({result['cpu_us_per_notification']} µs "
+                      f"CPU per notification), postgres {result['postgres_util']}, "
                       f"cores busy {result['core_busy']}, router batch "
                       f"{result['router_batch_mean']} in {result['router_batch_ms']} ms)",
                       flush=True)
@@ -364,10 +379,13 @@ async def run_bare(args: argparse.Namespace) -> dict[str, Any]:
             result = summarise(rec.latencies, sent)
             result["slowest_windows"] = slowest_windows(rec)
             result["sender_max_lag_ms"] = round(lag * 1000, 3)
-            result["server_core_util"] = round((srv.cpu() - cpu0) / (time.monotonic() - t0), 3)
+            cpu = srv.cpu() - cpu0
+            result["server_core_util"] = round(cpu / (time.monotonic() - t0), 3)
+            result["cpu_us_per_notification"] = round(cpu / sent * 1e6, 1)
             by_rate[str(rate)] = result
             print(f"bare    @ {rate}/s: p50 {result['p50_ms']} ms  p99 {result['p99_ms']} ms "
-                  f"({result['received']}/{result['expected']})", flush=True)
+                  f"({result['received']}/{result['expected']}, "
+                  f"{result['cpu_us_per_notification']} µs CPU per notification)", flush=True)
         for c in (*clients, ctl):
             c.close()
         return {"by_rate": by_rate}
@@ -417,13 +435,18 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "p99_ratio_to_bare": ratio(c["p99_ms"], b["p99_ms"]),
             "all_received": c["received"] == c["expected"],
             "server_core_util": c["server_core_util"],
+            "cpu_us_per_notification": c["cpu_us_per_notification"],
+            "bare_cpu_us_per_notification": b["cpu_us_per_notification"],
+            "cpu_ratio_to_bare": ratio(c["cpu_us_per_notification"],
+                                       b["cpu_us_per_notification"]),
         }
     summary["target_p99_ms_max"] = 10.0
     summary["pg_synchronous_commit"] = args.pg_sync_commit
     summary["pg_commit_p99_ms"] = cluster["pg_commit_latency"]["p99_ms"]
     print("summary:", summary)
     return {"rates": args.rates, "seconds": args.seconds, "users": args.users,
-            "hog": args.hog, "redis_core": args.redis_core, "cluster": cluster, "bare": bare,
+            "hog": args.hog, "redis_core": args.redis_core, "split": args.split,
+            "cluster": cluster, "bare": bare,
             "summary": summary}
 
 
@@ -446,6 +469,10 @@ def main() -> None:
                         help="the core Redis is pinned to: the servers' (default, the "
                              "benchmark's rule since its first round) or the clients', "
                              "beside Postgres, as a deployment's Redis has a host of its own")
+    parser.add_argument("--split", action="store_true",
+                        help="attribution, not the target's figure: every WebSocket client on "
+                             "gw-1 and every send to gw-0, so gw-0's CPU is taking sends and "
+                             "gw-1's writing to sockets (per_notification)")
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
     if not 0 <= args.hog <= 0.9:
