@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import resource
 import subprocess
 import sys
 import time
@@ -70,7 +71,8 @@ async def child(args: argparse.Namespace) -> None:
     for _ in range(WARM_UP):
         await handle.execute(ping)
     lag = 0.0
-    redis0, mine0, t0 = await redis_cpu(handle), time.process_time(), time.perf_counter()
+    redis0, usage0, t0 = await redis_cpu(handle), resource.getrusage(resource.RUSAGE_SELF), \
+        time.perf_counter()
     if args.rate:
         for k in range(args.round_trips):
             due = t0 + k / args.rate
@@ -84,12 +86,16 @@ async def child(args: argparse.Namespace) -> None:
         for _ in range(args.round_trips):
             await handle.execute(ping)
     wall = time.perf_counter() - t0
-    mine, redis = time.process_time() - mine0, await redis_cpu(handle) - redis0
+    usage, redis = resource.getrusage(resource.RUSAGE_SELF), await redis_cpu(handle) - redis0
+    user, system = usage.ru_utime - usage0.ru_utime, usage.ru_stime - usage0.ru_stime
+    mine = user + system
     await handle.close()
     n = args.round_trips
     print(json.dumps({
         "round_trips": n,
         "client_cpu_us": round(mine / n * 1e6, 1),
+        "client_user_us": round(user / n * 1e6, 1),
+        "client_system_us": round(system / n * 1e6, 1),
         "redis_cpu_us": round(redis / n * 1e6, 1),
         "cpu_us": round((mine + redis) / n * 1e6, 1),
         "wall_us": round(wall / n * 1e6, 1),
@@ -138,7 +144,8 @@ def main() -> None:
                 figures = run_case(url, args.round_trips, case, args.rate)
                 cases[case].append(figures)
                 print(f"{case:12s}: {figures['cpu_us']} µs CPU per round trip (client "
-                      f"{figures['client_cpu_us']}, Redis {figures['redis_cpu_us']}), "
+                      f"{figures['client_cpu_us']}: user {figures['client_user_us']}, system "
+                      f"{figures['client_system_us']}; Redis {figures['redis_cpu_us']}), "
                       f"{figures['wall_us']} µs apart, core {figures['core_util']}", flush=True)
     per_pair = [ratio(p["cpu_us"], b["cpu_us"])
                 for b, p in zip(cases["back_to_back"], cases["paced"], strict=True)]
