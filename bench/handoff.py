@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -71,8 +72,8 @@ async def child(args: argparse.Namespace) -> None:
     for _ in range(WARM_UP):
         await handle.execute(ping)
     lag = 0.0
-    redis0, usage0, t0 = await redis_cpu(handle), resource.getrusage(resource.RUSAGE_SELF), \
-        time.perf_counter()
+    redis0 = await redis_cpu(handle)
+    usage0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     if args.rate:
         for k in range(args.round_trips):
             due = t0 + k / args.rate
@@ -108,7 +109,8 @@ CASES = {"back_to_back": (), "paced": (), "wake_only": ("--wake-only",)}
 
 
 def run_case(redis_url: str, round_trips: int, case: str, rate: int) -> dict[str, Any]:
-    command = ["taskset", "-c", str(SERVER_CORE), sys.executable, __file__, "--child",
+    pin = ["taskset", "-c", str(SERVER_CORE)] if shutil.which("taskset") else []
+    command = [*pin, sys.executable, __file__, "--child",
                "--redis", redis_url, "--round-trips", str(round_trips),
                "--rate", str(0 if case == "back_to_back" else rate), *CASES[case]]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
