@@ -262,6 +262,34 @@ def start_bare(procs: Processes, name: str = "bare") -> Server:
     )
 
 
+def start_bare_pipeline(procs: Processes, redis_url: str, prefix: str) -> list[Server]:
+    """``bench/bare_pipeline.py``'s two gateways and router, on the server core; returns
+    them gateways first, once the gateways answer and the router has made its groups."""
+    import redis
+
+    script = str(BENCH / "bare_pipeline.py")
+    common = ["--redis", redis_url, "--prefix", prefix]
+    gateways = []
+    for i in range(2):
+        port = free_port()
+        gateways.append(procs.start(
+            f"bare-gw-{i}", [server_python(), script, "--role", "gateway", "--node", f"bare-gw-{i}",
+                             "--port", str(port), *common], port=port))
+    router = procs.start("bare-router", [server_python(), script, "--role", "router", *common])
+    for gateway in gateways:
+        wait_http_ok(gateway.port, "/ready")
+    client = redis.Redis.from_url(redis_url)
+    try:
+        deadline = time.monotonic() + 30
+        while not client.exists(f"{prefix}:router-ready"):
+            if time.monotonic() > deadline or router.popen.poll() is not None:
+                raise TimeoutError("the bare pipeline's router did not start")
+            time.sleep(0.1)
+    finally:
+        client.close()
+    return [*gateways, router]
+
+
 def start_embedded(procs: Processes, name: str = "gateway", **extra: str) -> Server:
     port = free_port()
     env = gateway_env(port, SQLITE_PATH=str(procs.workdir / f"{name}.sqlite3"), **extra)
@@ -304,6 +332,7 @@ def machine() -> dict[str, Any]:
         with contextlib.suppress(Exception):
             versions[mod] = __import__(mod).__version__
     info["packages"] = versions
+    info["cpuidle"] = cpuidle()
     if os.environ.get("ARA_BENCH_EXTRA_PATH"):
         info["servers_extra_path"] = os.environ["ARA_BENCH_EXTRA_PATH"]
     with contextlib.suppress(Exception):
@@ -317,6 +346,19 @@ def machine() -> dict[str, Any]:
         ).stdout.strip()
         info["git_dirty"] = bool(dirty)
     return info
+
+
+def cpuidle() -> dict[str, str]:
+    """How the cores idle: the driver, and on a KVM guest its halt-polling window
+    (``guest_halt_poll_ns``; 0 means an idle core halts at once and its next wake-up
+    goes through the hypervisor)."""
+    found: dict[str, str] = {}
+    for key, path in (("driver", "/sys/devices/system/cpu/cpuidle/current_driver"),
+                      ("governor", "/sys/devices/system/cpu/cpuidle/current_governor_ro"),
+                      ("guest_halt_poll_ns", "/sys/module/haltpoll/parameters/guest_halt_poll_ns")):
+        with contextlib.suppress(OSError):
+            found[key] = Path(path).read_text().strip()
+    return found
 
 
 def write_result(name: str, data: dict[str, Any]) -> Path:

@@ -22,7 +22,13 @@ waiting sender.
 
 Baseline, same run: the bare ``websockets`` server (one process, no Redis,
 no Postgres) delivering the same user-targeted events at the same rate,
-triggered over its control socket.
+triggered over its control socket. With ``--pipeline``, a second baseline:
+``bench/bare_pipeline.py``, two gateways and a router on the same core that
+move the same sends to the same sockets through the same Redis hand-offs
+(partition stream, router, gateway stream) with none of the service's own
+work (no Postgres, no validation, metrics or leases): what the design's
+hand-offs alone cost on this host, against which the service's share is read
+(``cpu_ratio_to_pipeline`` in the summary).
 """
 
 from __future__ import annotations
@@ -72,6 +78,7 @@ from bench._common import (
     redis_command_stats,
     redis_commands_between,
     start_bare,
+    start_bare_pipeline,
     start_cluster_process,
     start_profiler,
     start_redis,
@@ -391,6 +398,57 @@ async def run_bare(args: argparse.Namespace) -> dict[str, Any]:
         return {"by_rate": by_rate}
 
 
+async def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
+    """``--pipeline``: the same sends and sockets through ``bench/bare_pipeline.py``, the
+    design's hand-offs with none of the service's work, on the same core as the cluster."""
+    with processes() as procs:
+        redis_core = SERVER_CORE if args.redis_core == "server" else CLIENT_CORE
+        redis = start_redis(procs, core=redis_core)
+        servers = start_bare_pipeline(procs, f"redis://127.0.0.1:{redis.port}/0", new_name("bp"))
+        gws = servers[:2]
+        on_core = [*servers, *([redis] if redis_core == SERVER_CORE else [])]
+        tally, rec = Tally(), Recorder()
+        holders, takers = (gws[1:], gws[:1]) if args.split else (gws, gws)
+        clients = await connect_users([g.port for g in holders], args.users, tally, rec, False)
+        sender = RestSender([[await http_connect(g.port) for _ in range(args.http_conns)]
+                             for g in takers])
+        await drive(sender, min(args.rates), 2.0, args.users)  # warm-up
+        await asyncio.sleep(1.0)
+        by_rate: dict[str, Any] = {}
+        for rate in args.rates:
+            rec.start()
+            sender.rest_latencies = []
+            detail0 = {s.name: s.cpu_detail() for s in on_core}
+            t0 = time.monotonic()
+            sent, lag = await drive(sender, rate, args.seconds, args.users)
+            await asyncio.sleep(1.0)
+            rec.recording = False
+            wall = time.monotonic() - t0
+            result = summarise(rec.latencies, sent)
+            rest_ms = [x * 1000 for x in sender.rest_latencies]
+            result["rest_p99_ms"] = round(percentile(rest_ms, 0.99), 3)
+            result["rest_errors"] = sender.errors
+            result["sender_max_lag_ms"] = round(lag * 1000, 3)
+            result["per_notification"] = {
+                s.name: {k: round((v - detail0[s.name][k]) / sent * (1e6 if k in (
+                    "user", "system") else 1), 2) for k, v in s.cpu_detail().items()}
+                for s in on_core}
+            cpu_us = sum(v["user"] + v["system"] for v in result["per_notification"].values())
+            result["cpu_us_per_notification"] = round(cpu_us, 1)
+            result["server_core_util"] = round(cpu_us * sent / 1e6 / wall, 3)
+            by_rate[str(rate)] = result
+            print(f"pipeline @ {rate}/s: p50 {result['p50_ms']} ms  p99 {result['p99_ms']} ms "
+                  f"({result['received']}/{result['expected']}, REST p99 "
+                  f"{result['rest_p99_ms']} ms, server core util {result['server_core_util']} "
+                  f"({result['cpu_us_per_notification']} µs CPU per notification: " + ", ".join(
+                      f"{name} {v['user'] + v['system']:.0f}"
+                      for name, v in result["per_notification"].items()) + "))", flush=True)
+            await asyncio.sleep(2.0)
+        for c in clients:
+            c.close()
+        return {"by_rate": by_rate}
+
+
 # A busy loop pinned to the server core for ``argv[1]`` of every 5 ms: contention of a
 # known size, for seeing how a setting behaves when the servers do not have the core alone.
 HOG = """
@@ -423,6 +481,7 @@ def server_core_hog(duty: float) -> Iterator[None]:
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     with server_core_hog(args.hog):
         bare = await run_bare(args)
+        pipeline = await run_pipeline(args) if args.pipeline else None
         cluster = await run_cluster(args)
     summary: dict[str, Any] = {}
     for rate in args.rates:
@@ -440,13 +499,22 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "cpu_ratio_to_bare": ratio(c["cpu_us_per_notification"],
                                        b["cpu_us_per_notification"]),
         }
+        if pipeline is not None:
+            bp = pipeline["by_rate"][str(rate)]
+            summary[str(rate)].update({
+                "pipeline_p99_ms": bp["p99_ms"],
+                "pipeline_server_core_util": bp["server_core_util"],
+                "pipeline_cpu_us_per_notification": bp["cpu_us_per_notification"],
+                "cpu_ratio_to_pipeline": ratio(c["cpu_us_per_notification"],
+                                               bp["cpu_us_per_notification"]),
+            })
     summary["target_p99_ms_max"] = 10.0
     summary["pg_synchronous_commit"] = args.pg_sync_commit
     summary["pg_commit_p99_ms"] = cluster["pg_commit_latency"]["p99_ms"]
     print("summary:", summary)
     return {"rates": args.rates, "seconds": args.seconds, "users": args.users,
             "hog": args.hog, "redis_core": args.redis_core, "split": args.split,
-            "cluster": cluster, "bare": bare,
+            "cluster": cluster, "bare": bare, "pipeline": pipeline,
             "summary": summary}
 
 
@@ -473,6 +541,9 @@ def main() -> None:
                         help="attribution, not the target's figure: every WebSocket client on "
                              "gw-1 and every send to gw-0, so gw-0's CPU is taking sends and "
                              "gw-1's writing to sockets (per_notification)")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="also run bench/bare_pipeline.py (the design's hand-offs, none of "
+                             "the service's work) on the same core, same sends and sockets")
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
     if not 0 <= args.hog <= 0.9:
