@@ -66,12 +66,13 @@ def where_key(prefix: str) -> str:
     return f"{prefix}:where"
 
 
-def frame_of(body: dict[str, Any]) -> bytes:
-    """The notification frame as the gateway sends it (once per event)."""
+def frame_of(body: dict[str, Any]) -> tuple[str, bytes]:
+    """The notification's id and its frame as the gateway sends it (encoded once per event)."""
     now = time.time()
-    return orjson.dumps({
+    notification_id = str(uuid.uuid4())
+    return notification_id, orjson.dumps({
         "type": "notification",
-        "id": str(uuid.uuid4()),
+        "id": notification_id,
         "occurred_at": datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds")
         .replace("+00:00", "Z"),
         "event_type": body.get("event_type", "bench"),
@@ -93,14 +94,14 @@ def gateway_app(redis_url: str, prefix: str, node: str, partitions: int) -> Star
                             media_type="application/json")
         body = orjson.loads(await request.body())
         user = str(body["target_user_id"])
-        frame = frame_of(body)
+        notification_id, frame = frame_of(body)
         p = zlib.crc32(user.encode()) % partitions
         found, _ = await lane.execute([
             ("HGET", where, user),
             ("XADD", partition_key(prefix, p), "*", "u", user, "f", frame),
         ])
         return Response(orjson.dumps({
-            "success": True, "notification_id": orjson.loads(frame)["id"],
+            "success": True, "notification_id": notification_id,
             "delivered_to": int(found is not None), "failed": 0, "timestamp": time.time(),
             "queued": found is None,
         }), media_type="application/json")
@@ -123,7 +124,9 @@ def gateway_app(redis_url: str, prefix: str, node: str, partitions: int) -> Star
             sockets[user].discard(socket)
 
     async def deliver() -> None:
-        stream, last, done = node_key(prefix, node), "$", []
+        stream = node_key(prefix, node)
+        last: str | bytes = "$"
+        done: list[bytes] = []
         while True:
             commands: list[Any] = [("XDEL", stream, *done)] if done else []
             commands.append(("XREAD", "COUNT", BATCH, "BLOCK", BLOCK_MS, "STREAMS", stream, last))
