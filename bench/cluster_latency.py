@@ -39,7 +39,7 @@ import contextlib
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ from bench._common import (
     API_KEY,
     CLIENT_CORE,
     SERVER_CORE,
+    Server,
     commit_latency,
     cores_busy,
     create_database,
@@ -217,6 +218,14 @@ def p99_by_second(rec: Recorder) -> list[float]:
     return [round(percentile(seconds[s], 0.99), 2) for s in sorted(seconds)]
 
 
+def per_notification(servers: Sequence[Server], before: dict[str, dict[str, float]],
+                     sent: int) -> dict[str, dict[str, float]]:
+    """Each process's CPU (µs, user and system) and context switches since ``before``,
+    per notification sent."""
+    return {s.name: {k: round((v - before[s.name][k]) / sent * (1e6 if k in (
+        "user", "system") else 1), 2) for k, v in s.cpu_detail().items()} for s in servers}
+
+
 def summarise(latencies: list[float], expected: int) -> dict[str, Any]:
     ms = [x * 1000 for x in latencies]
     return {
@@ -322,10 +331,8 @@ async def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
                 result["redis_commands"] = redis_commands_between(
                     commands0, redis_command_stats(redis.port), sent)
                 # Per notification sent: CPU (µs, user/system) and context switches.
-                result["per_notification"] = {
-                    s.name: {k: round((v - detail0[s.name][k]) / sent * (1e6 if k in (
-                        "user", "system") else 1), 2) for k, v in s.cpu_detail().items()}
-                    for s in (*gws, router, redis)}
+                result["per_notification"] = per_notification((*gws, router, redis), detail0,
+                                                              sent)
                 # Their sum over what runs on the server core: with the bare server's figure
                 # (same run), the ratio that tells a slower host from dearer code.
                 result["cpu_us_per_notification"] = round(sum(
@@ -429,10 +436,7 @@ async def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
             result["rest_p99_ms"] = round(percentile(rest_ms, 0.99), 3)
             result["rest_errors"] = sender.errors
             result["sender_max_lag_ms"] = round(lag * 1000, 3)
-            result["per_notification"] = {
-                s.name: {k: round((v - detail0[s.name][k]) / sent * (1e6 if k in (
-                    "user", "system") else 1), 2) for k, v in s.cpu_detail().items()}
-                for s in on_core}
+            result["per_notification"] = per_notification(on_core, detail0, sent)
             cpu_us = sum(v["user"] + v["system"] for v in result["per_notification"].values())
             result["cpu_us_per_notification"] = round(cpu_us, 1)
             result["server_core_util"] = round(cpu_us * sent / 1e6 / wall, 3)
