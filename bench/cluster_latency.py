@@ -131,6 +131,22 @@ async def connect_users(ports: list[int], users: int, tally: Tally, rec: Recorde
     return clients
 
 
+async def connect_and_warm_up(args: argparse.Namespace, gws: Sequence[Server], rec: Recorder,
+                              gateway: bool) -> tuple[list[WsClient], RestSender]:
+    """The users' sockets and the keep-alive senders, after a two-second warm-up.
+
+    ``--split``: every socket on the second gateway and every send to the first, so each
+    gateway's CPU is one side of the work (taking sends / writing to sockets).
+    """
+    holders, takers = (gws[1:], gws[:1]) if args.split else (gws, gws)
+    clients = await connect_users([g.port for g in holders], args.users, Tally(), rec, gateway)
+    sender = RestSender([[await http_connect(g.port) for _ in range(args.http_conns)]
+                         for g in takers])
+    await drive(sender, min(args.rates), 2.0, args.users)
+    await asyncio.sleep(1.0)
+    return clients, sender
+
+
 async def drive(send: Any, rate: int, seconds: float, users: int) -> tuple[int, float]:
     """Open loop: event k is due at start + k/rate; returns (sent, lag of the sender)."""
     total = int(rate * seconds)
@@ -261,17 +277,8 @@ async def run_cluster(args: argparse.Namespace) -> dict[str, Any]:
                 if len(owned) == status["partitions"]:
                     break
                 await asyncio.sleep(0.2)
-            tally, rec = Tally(), Recorder()
-            # --split: every socket on gw-1 and every send to gw-0, so each gateway's CPU
-            # is one side of the work (taking sends / writing to sockets).
-            holders, takers = (gws[1:], gws[:1]) if args.split else (gws, gws)
-            clients = await connect_users([g.port for g in holders], args.users, tally, rec,
-                                          True)
-            pools = [[await http_connect(g.port) for _ in range(args.http_conns)]
-                     for g in takers]
-            sender = RestSender(pools)
-            await drive(sender, min(args.rates), 2.0, args.users)  # warm-up
-            await asyncio.sleep(1.0)
+            rec = Recorder()
+            clients, sender = await connect_and_warm_up(args, gws, rec, gateway=True)
             by_rate: dict[str, Any] = {}
             for rate in args.rates:
                 rec.start()
@@ -414,13 +421,8 @@ async def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
         servers = start_bare_pipeline(procs, f"redis://127.0.0.1:{redis.port}/0", new_name("bp"))
         gws = servers[:2]
         on_core = [*servers, *([redis] if redis_core == SERVER_CORE else [])]
-        tally, rec = Tally(), Recorder()
-        holders, takers = (gws[1:], gws[:1]) if args.split else (gws, gws)
-        clients = await connect_users([g.port for g in holders], args.users, tally, rec, False)
-        sender = RestSender([[await http_connect(g.port) for _ in range(args.http_conns)]
-                             for g in takers])
-        await drive(sender, min(args.rates), 2.0, args.users)  # warm-up
-        await asyncio.sleep(1.0)
+        rec = Recorder()
+        clients, sender = await connect_and_warm_up(args, gws, rec, gateway=False)
         by_rate: dict[str, Any] = {}
         for rate in args.rates:
             rec.start()
