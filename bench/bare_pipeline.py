@@ -8,7 +8,9 @@ as the same processes on the same core, so a run of ``cluster_latency.py
 --pipeline`` can say how much of the cluster's cost is which:
 
 - ``--role gateway`` (two of them): Starlette under uvicorn with the gateway's
-  settings (httptools, uvloop, no compression). ``POST
+  settings (httptools, uvloop, no compression); its sockets go through uvicorn's
+  ``websockets`` implementation, where the gateway writes its own frames
+  (``gateway/fastws.py``). ``POST
   /api/v1/notifications/send`` compares the API key, builds the notification
   frame once and appends it to its user's partition stream, reading where the
   user is in the same round trip (the cluster gateway's one round trip per
